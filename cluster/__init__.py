@@ -1,0 +1,1 @@
+"""hpcserve control plane: head lifecycle, allocation providers, pools, CLI."""

@@ -1,0 +1,109 @@
+"""The `hpcserve` command: up, down, status, deploy, bench, build-model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from serve_app.config import ConfigError
+
+
+def _cmd_up(args) -> int:
+    from cluster.service import home_dir, up
+    try:
+        head = up(args.config, home_dir(args.home), wait=not args.no_wait,
+                  timeout_s=args.timeout)
+    except ConfigError as err:
+        print(f"hpcserve: {err}", file=sys.stderr)
+        return 2
+    print(f"\nendpoint:  {head.http_url}/v1\ndashboard: {head.dashboard_url}"
+          f"\nmetrics:   http://{head.node_ip}:{head.metrics_port}/metrics"
+          f"\nupdate:    serve deploy {home_dir(args.home)}/run/serve.yaml -a {head.dashboard_url}"
+          " (RAY_AUTH_TOKEN_PATH=" + head.token_path + ")")
+    return 0
+
+
+def _cmd_down(args) -> int:
+    from cluster.service import down, home_dir
+    down(home_dir(args.home))
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from cluster.service import home_dir
+    from cluster.status import collect, render
+    status = collect(home_dir(args.home))
+    print(json.dumps(status, indent=2, default=str) if args.json else render(status))
+    return 0 if status.get("running") else 1
+
+
+def _cmd_control(args) -> int:
+    """Restart the control loop (after a crash or an upgrade); jobs are re-adopted."""
+    from cluster.head import HeadInfo
+    from cluster.service import home_dir, run_dir_of, start_control
+    run_dir = run_dir_of(home_dir(args.home))
+    print(f"control loop pid {start_control(run_dir, HeadInfo.load(run_dir))}")
+    return 0
+
+
+def _cmd_deploy(args) -> int:
+    from cluster.config import load_config
+    from cluster.head import HeadInfo, deploy_serve
+    from cluster.service import home_dir, run_dir_of
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"hpcserve: {err}", file=sys.stderr)
+        return 2
+    deploy_serve(HeadInfo.load(run_dir_of(home_dir(args.home))), config.serve)
+    print("deployed")
+    return 0
+
+
+def _cmd_build_model(args) -> int:
+    from serve_app.tiny_model import ensure_tiny_model
+    t0 = time.monotonic()
+    print(ensure_tiny_model(args.cache_dir), f"({time.monotonic() - t0:.1f}s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_home(p):
+        p.add_argument("--home", help="state directory (default $HPCSERVE_HOME or ~/.hpcserve)")
+        return p
+
+    p = with_home(sub.add_parser("up", help="start head, Serve and the control loop"))
+    p.add_argument("-c", "--config", help="config YAML (default: the embedded local default)")
+    p.add_argument("--no-wait", action="store_true", help="return before models serve")
+    p.add_argument("--timeout", type=float, default=600)
+    p.set_defaults(func=_cmd_up)
+    with_home(sub.add_parser("down", help="stop everything `up` started")).set_defaults(
+        func=_cmd_down)
+    p = with_home(sub.add_parser("status", help="allocations, models, replicas"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+    with_home(sub.add_parser("control", help="(re)start the control loop of a running head")
+              ).set_defaults(func=_cmd_control)
+    p = with_home(sub.add_parser("deploy", help="update models/autoscaling in place"))
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=_cmd_deploy)
+    p = sub.add_parser("build-model", help="build the tiny local model")
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=_cmd_build_model)
+    from cluster.bench.cli import add_parser as add_bench
+    add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""hpcserve's config file: Ray Serve's own config plus an ``hpcserve:`` section.
+
+One YAML so operators edit one file: everything but ``hpcserve:`` is passed to
+Serve unchanged (``serve deploy`` semantics), ``hpcserve:`` holds the head and the
+allocation pools.  Errors name the field (``hpcserve.pools.0.walltime_s: ...``).
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serve_app.config import ConfigError, describe_validation_error, parse_app_config
+
+ProviderKind = Literal["local", "slurm", "heappe"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HeadConfig(_Strict):
+    node_ip: str = Field(default="127.0.0.2", description="address workers reach the head at")
+    gcs_port: int | None = Field(default=None, ge=1, le=65535, description="None: a free port")
+    dashboard_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_export_port: int | None = Field(default=None, ge=1, le=65535)
+    auth: Literal["token", "none"] = "token"
+    token_path: str | None = Field(default=None, description="default: RUN_DIR/../auth_token")
+    env: dict[str, str] = Field(default_factory=dict, description="extra env for ray start")
+
+
+class PoolConfig(_Strict):
+    name: str = Field(min_length=1)
+    provider: ProviderKind = "local"
+    allocations: int = Field(default=1, ge=0, description="allocations kept serving")
+    max_allocations: int | None = Field(default=None, ge=1, description=(
+        "cap on live jobs, draining ones included (default 3x allocations: "
+        "serving + successor + one still draining)"))
+    walltime_s: int = Field(default=3600, ge=30)
+    lead_time_s: float = Field(default=120, ge=0, description="initial successor lead time")
+    lead_time_margin_s: float = Field(default=15, ge=0)
+    warning_s: int = Field(default=60, ge=5, description="scheduler warning before wall-time")
+    drain_deadline_s: int = Field(default=60, ge=1, description=(
+        "DrainNode deadline; Serve stops the old replicas at deadline minus their "
+        "graceful_shutdown_timeout_s, so it must cover a replica's start-up"))
+    queue_timeout_s: float = Field(default=900, gt=0, description="replace jobs queued longer")
+    num_cpus: int = Field(default=1, ge=0)
+    num_gpus: int = Field(default=0, ge=0)
+    resources: dict[str, float] = Field(default_factory=lambda: {"hpc_slot": 1.0})
+    provider_options: dict[str, Any] = Field(default_factory=dict)
+    worker_env: dict[str, str] = Field(default_factory=dict, description=(
+        "extra environment for the worker job (e.g. HPCSERVE_NODE_IP: auto-loopback "
+        "when several jobs share one machine)"))
+
+    @model_validator(mode="after")
+    def _check(self) -> "PoolConfig":
+        if self.max_allocations is None:
+            self.max_allocations = max(3 * self.allocations, 1)
+        if self.max_allocations < self.allocations:
+            raise ValueError("max_allocations must be >= allocations")
+        if self.warning_s >= self.walltime_s:
+            raise ValueError("warning_s must be shorter than walltime_s")
+        return self
+
+
+class ClusterConfig(_Strict):
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    pools: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig(name="local")])
+    control_interval_s: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ClusterConfig":
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique: {names}")
+        return self
+
+
+class HpcserveConfig:
+    """The parsed file: ``cluster`` (validated) and ``serve`` (Serve's config dict)."""
+
+    def __init__(self, cluster: ClusterConfig, serve: dict[str, Any], source: str):
+        self.cluster = cluster
+        self.serve = serve
+        self.source = source
+
+    @property
+    def http_host(self) -> str:
+        return self.serve.get("http_options", {}).get("host", "127.0.0.1")
+
+    @property
+    def http_port(self) -> int:
+        return int(self.serve.get("http_options", {}).get("port", 8100))
+
+
+def default_config_text() -> str:
+    return resources.files("serve_app").joinpath("default_config.yaml").read_text()
+
+
+def load_config(path: str | Path | None = None) -> HpcserveConfig:
+    """Parse and validate a config file (the embedded default when ``path`` is None)."""
+    source = str(path) if path else "<embedded default>"
+    text = Path(path).read_text() if path else default_config_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    data = copy.deepcopy(data)
+    section = data.pop("hpcserve", None) or {}
+    try:
+        cluster = ClusterConfig.model_validate(section)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: " + describe_validation_error(err, "hpcserve")) from None
+    apps = data.get("applications")
+    if not isinstance(apps, list) or not apps:
+        raise ConfigError(f"{source}: applications: a non-empty list is required")
+    for i, app in enumerate(apps):
+        if not isinstance(app, dict) or "import_path" not in app:
+            raise ConfigError(f"{source}: applications.{i}.import_path: field required")
+        if app["import_path"] == "serve_app.app:build_app":
+            try:
+                parse_app_config(app.get("args") or {}, prefix=f"applications.{i}.args")
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}") from None
+    return HpcserveConfig(cluster, data, source)

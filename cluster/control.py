@@ -1,0 +1,96 @@
+"""The control loop: ticks every pool against the live cluster, forever.
+
+Started detached by ``hpcserve up`` (``python -m cluster.control RUN_DIR``) and
+stopped by ``hpcserve down``.  It never sits on the request path, and it can be
+killed at any moment: the pools' state is in sqlite and jobs run on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from cluster.config import load_config
+from cluster.head import HeadInfo
+from cluster.pool import Pool
+from cluster.providers import make_provider
+from cluster.providers.base import WorkerSpec
+from cluster.ray_view import RayView
+from cluster.state import StateStore
+
+log = logging.getLogger("hpcserve.control")
+
+# Head-local settings a worker must not inherit (it picks its own ports, has no token file).
+_HEAD_ONLY = {"RAY_AUTH_TOKEN_PATH", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+              "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
+              "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"}
+
+
+def worker_environment(head: HeadInfo) -> dict[str, str]:
+    env = {k: v for k, v in head.env.items() if k not in _HEAD_ONLY}
+    if head.env.get("RAY_AUTH_MODE") == "token":
+        env["RAY_AUTH_TOKEN"] = Path(head.token_path).read_text().strip()
+    return env
+
+
+def build_pools(run_dir: Path, head: HeadInfo, store: StateStore, view: RayView) -> list[Pool]:
+    config = load_config(run_dir / "config.yaml")
+    env = worker_environment(head)
+    pools = []
+    for pc in config.cluster.pools:
+        provider = make_provider(pc.provider, dict(pc.provider_options), run_dir, pc.name)
+        spec = WorkerSpec(allocation_id="", pool=pc.name, head_address=head.gcs_address,
+                          walltime_s=pc.walltime_s, warning_s=pc.warning_s,
+                          num_cpus=pc.num_cpus, num_gpus=pc.num_gpus,
+                          resources=dict(pc.resources), env={**env, **pc.worker_env})
+        pools.append(Pool(pc, provider, store, spec, drain=view.drain))
+    return pools
+
+
+def run(run_dir: Path) -> None:
+    head = HeadInfo.load(run_dir)
+    store = StateStore(run_dir / "state.db")
+    view = RayView(head)
+    pools = build_pools(run_dir, head, store, view)
+    interval = load_config(run_dir / "config.yaml").cluster.control_interval_s
+    stopping = False
+
+    def _stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    adopted = store.allocations(live_only=True)
+    log.info("control loop up; re-adopting %d live allocations: %s", len(adopted),
+             [a.id for a in adopted])
+    while not stopping:
+        started = time.monotonic()
+        try:
+            nodes = view.nodes()
+        except Exception as err:  # head restarting, dashboard busy: act without it
+            log.warning("cluster view unavailable: %s", err)
+            nodes = None
+        for pool in pools:
+            try:
+                pool.tick(nodes)
+            except Exception:
+                log.exception("pool %s tick failed", pool.config.name)
+        (run_dir / "control.heartbeat").write_text(str(time.time()))
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    log.info("control loop stopped")
+
+
+def main() -> None:
+    run_dir = Path(sys.argv[1])
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per tick otherwise
+    run(run_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The allocation pool: keep N allocations serving across wall-time rotations.
+
+Each tick the pool (1) refreshes job states from the provider, (2) matches jobs to
+Ray nodes by their allocation label, then acts:
+
+* an allocation whose wall-time end is within ``lead_time`` gets a successor job;
+* once the successor's node has joined, the old node is drained (DrainNode with a
+  deadline): Serve starts the replacement replicas on the successor *before* it
+  stops the old ones, so no request is lost;
+* a drained node is released early (job cancelled) -- no node-hours wasted;
+* jobs that fail, vanish, or queue too long are replaced, with backoff;
+* a provider that errors never stops serving: the tick skips what needs it.
+
+``lead_time`` adapts to what was observed (queue wait + start-up + hand-over),
+see ``LeadTime``.  All state lives in ``StateStore``, so a restarted loop resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Callable
+
+from cluster.config import PoolConfig
+from cluster.providers.base import JobState, Provider, ProviderError, WorkerSpec
+from cluster.ray_view import NodeView
+from cluster.state import (
+    DRAINING,
+    FAILED,
+    QUEUED,
+    RETIRED,
+    SERVING,
+    STARTING,
+    Allocation,
+    StateStore,
+)
+
+log = logging.getLogger("hpcserve.pool")
+
+# drain(node_id, deadline_s, reason) -> (accepted, message); RayView.drain in production.
+Drainer = Callable[[str, float, str], tuple[bool, str]]
+
+
+class LeadTime:
+    """How long before a wall-time end the successor must be submitted.
+
+    The successor must have joined *and* taken over (Serve starts the replacement
+    replicas on it while the old node drains) before the job's own early warning
+    at ``end - warning_s``.  So: worst recent (submit -> node joined) + worst recent
+    (drain -> successor serving) + warning + margin.  Until both have been observed
+    the configured ``lead_time_s`` holds; a queue that gets slower pushes
+    submissions earlier on the next rotation.
+    """
+
+    def __init__(self, pool: PoolConfig, store: StateStore):
+        self.pool, self.store = pool, store
+
+    def seconds(self) -> float:
+        startup = self.store.observations(self.pool.name, "startup_s")
+        handover = self.store.observations(self.pool.name, "handover_s")
+        if not startup or not handover:
+            return self.pool.lead_time_s
+        lead = (max(startup) + max(handover) + self.pool.warning_s
+                + self.pool.lead_time_margin_s)
+        return min(lead, self.pool.walltime_s * 0.8)
+
+
+class Pool:
+    def __init__(self, config: PoolConfig, provider: Provider, store: StateStore,
+                 worker_spec: WorkerSpec, drain: Drainer):
+        self.config = config
+        self.drain = drain
+        self.provider = provider
+        self.store = store
+        self.template = worker_spec  # allocation_id filled per submit
+        self.lead = LeadTime(config, store)
+        self.failures = 0
+        self.next_submit_after = 0.0
+
+    # ---- bookkeeping --------------------------------------------------------
+    def live(self) -> list[Allocation]:
+        return self.store.allocations(self.config.name, live_only=True)
+
+    def _event(self, a: Allocation, message: str) -> None:
+        log.info("[%s/%s] %s", self.config.name, a.id, message)
+        self.store.event(self.config.name, a.id, message)
+
+    def _submit(self, predecessor: Allocation | None, now: float) -> Allocation | None:
+        if now < self.next_submit_after:
+            return None
+        if len(self.live()) >= (self.config.max_allocations or 1):
+            return None
+        alloc_id = f"{self.config.name}-{uuid.uuid4().hex[:8]}"
+        spec = WorkerSpec(**{**self.template.__dict__, "allocation_id": alloc_id})
+        try:
+            job_id = self.provider.submit(spec)
+        except ProviderError as err:
+            self._backoff(now, f"submit failed: {err}")
+            return None
+        a = Allocation(id=alloc_id, pool=self.config.name, provider=self.provider.name,
+                       job_id=job_id, submit_time=now,
+                       predecessor=predecessor.id if predecessor else "")
+        self.store.save(a)
+        if predecessor is not None:
+            predecessor.successor = a.id
+            self.store.save(predecessor)
+        self._event(a, f"submitted job {job_id}"
+                    + (f" as successor of {predecessor.id}" if predecessor else ""))
+        return a
+
+    def _backoff(self, now: float, why: str) -> None:
+        self.failures += 1
+        delay = min(300.0, 2.0 * 2 ** min(self.failures, 8))
+        self.next_submit_after = now + delay
+        log.warning("[%s] %s; next submit in %.0fs", self.config.name, why, delay)
+        self.store.event(self.config.name, "", f"{why}; backoff {delay:.0f}s")
+
+    def _finish(self, a: Allocation, phase: str, now: float, reason: str) -> None:
+        a.phase, a.retired_time, a.reason = phase, now, reason
+        self.store.save(a)
+        self._event(a, f"{phase.lower()}: {reason}")
+
+    # ---- the tick ------------------------------------------------------------
+    def tick(self, nodes: list[NodeView] | None, now: float | None = None) -> None:
+        """One pass.  ``nodes`` is None when the Ray view could not be read."""
+        now = time.time() if now is None else now
+        live = self.live()
+        self._refresh_jobs(live, now)
+        if nodes is not None:
+            self._match_nodes(live, nodes, now)
+            self._handover(live, nodes, now)
+        self._rotate(live, now)
+        self._replace(now)
+
+    def _refresh_jobs(self, live: list[Allocation], now: float) -> None:
+        if not live:
+            return
+        try:
+            infos = self.provider.poll([a.job_id for a in live])
+        except ProviderError as err:
+            log.warning("[%s] poll failed, keeping last known state: %s", self.config.name, err)
+            return
+        for a in live:
+            info = infos.get(a.job_id)
+            if info is None:
+                continue
+            a.job_state = info.state.value
+            if info.state is JobState.RUNNING and a.phase == QUEUED:
+                a.phase, a.start_time = STARTING, info.start_time or now
+                a.end_time = info.end_time or (a.start_time + self.config.walltime_s)
+                a.node = info.node or ""
+                self.store.observe(self.config.name, "queue_wait_s", a.start_time - a.submit_time)
+                self._event(a, f"job {a.job_id} running on {a.node}")
+            if info.end_time and info.state is JobState.RUNNING:
+                a.end_time = info.end_time
+            if info.state.terminal:
+                if a.phase == DRAINING:
+                    self._finish(a, RETIRED, now, f"job {info.state.value.lower()} after drain")
+                else:
+                    self._finish(a, FAILED, now, f"job {info.state.value}: {info.reason}".strip())
+                    self._backoff(now, f"{a.id} ended unexpectedly")
+                continue
+            if a.phase == QUEUED and now - a.submit_time > self.config.queue_timeout_s:
+                self._cancel(a)
+                self._finish(a, FAILED, now, "queued past queue_timeout_s")
+                self._backoff(now, f"{a.id} stuck in the queue")
+                continue
+            self.store.save(a)
+
+    def _match_nodes(self, live: list[Allocation], nodes: list[NodeView], now: float) -> None:
+        by_alloc = {n.allocation: n for n in nodes if n.alive}
+        for a in live:
+            node = by_alloc.get(a.id)
+            if node is None:
+                continue
+            if not a.joined_time:
+                a.joined_time, a.node_id = now, node.node_id
+                self.store.observe(self.config.name, "startup_s", now - a.submit_time)
+                self._event(a, f"node {node.ip} joined ({now - a.submit_time:.1f}s after submit)")
+            if node.running_replicas and a.phase in (QUEUED, STARTING):
+                a.phase, a.serving_time = SERVING, now
+                self._event(a, f"serving ({node.running_replicas} replicas)")
+                pred = next((p for p in live if p.id == a.predecessor), None)
+                if pred is not None and pred.drain_time:
+                    self.store.observe(self.config.name, "handover_s", now - pred.drain_time)
+            self.store.save(a)
+
+    def _handover(self, live: list[Allocation], nodes: list[NodeView], now: float) -> None:
+        by_id = {a.id: a for a in live}
+        alive = {n.allocation: n for n in nodes if n.alive}
+        for a in live:
+            succ = by_id.get(a.successor)
+            if a.phase in (STARTING, SERVING) and succ is not None and succ.joined_time:
+                self._drain(a, alive.get(a.id), now, f"successor {succ.id} joined")
+            elif a.phase in (STARTING, SERVING) and a.end_time and \
+                    now >= a.end_time - self.config.warning_s and a.id in alive:
+                self._drain(a, alive.get(a.id), now, "wall-time end near, successor not joined")
+            elif a.phase == DRAINING:
+                node = alive.get(a.id)
+                gone = node is None or not node.replicas
+                overdue = now > a.drain_time + self.config.drain_deadline_s + 10
+                if gone or overdue:
+                    self._cancel(a)
+                    self._finish(a, RETIRED, now, "drained, job released early"
+                                 if gone else "drain deadline passed, job cancelled")
+
+    def _drain(self, a: Allocation, node: NodeView | None, now: float, why: str) -> None:
+        a.phase, a.drain_time = DRAINING, now
+        self.store.save(a)
+        if node is None:
+            self._event(a, f"draining ({why}); node not in Ray")
+            return
+        ok, msg = self.drain(node.node_id, self.config.drain_deadline_s, why)
+        self._event(a, f"drain requested ({why}): {'accepted' if ok else 'rejected: ' + msg}")
+
+    def _cancel(self, a: Allocation) -> None:
+        try:
+            self.provider.cancel(a.job_id)
+        except ProviderError as err:
+            log.warning("[%s] cancel of %s failed: %s", self.config.name, a.job_id, err)
+
+    def _rotate(self, live: list[Allocation], now: float) -> None:
+        lead = self.lead.seconds()
+        by_id = {a.id: a for a in live}
+        for a in live:
+            if a.phase not in (STARTING, SERVING) or not a.end_time:
+                continue
+            if a.successor and a.successor in by_id:
+                continue  # a live successor is on its way
+            if now >= a.end_time - lead:
+                self._submit(a, now)
+
+    def _replace(self, now: float) -> None:
+        """Keep ``allocations`` slots: one per live chain (old + its live successor)."""
+        live = self.live()
+        ids = {a.id for a in live}
+        slots = sum(1 for a in live if a.phase != DRAINING and a.successor not in ids)
+        for _ in range(self.config.allocations - slots):
+            if self._submit(None, now) is None:
+                break
+        if slots >= self.config.allocations and self.failures and \
+                any(a.phase == SERVING for a in live):
+            self.failures = 0  # healthy again: reset the backoff

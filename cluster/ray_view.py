@@ -1,0 +1,90 @@
+"""What the control loop sees of the running cluster, and the one thing it does to it.
+
+Read-only views come from the GCS (nodes and their labels) and the dashboard's
+Serve API (replicas and where they run); the only action is DrainNode.  The control
+loop is not a Ray driver: it keeps working while the head restarts and never holds
+cluster resources.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from cluster.head import HeadInfo
+
+ALLOCATION_LABEL = "hpcserve-allocation"
+
+
+@dataclass
+class NodeView:
+    node_id: str
+    ip: str
+    alive: bool
+    draining: bool
+    labels: dict[str, str]
+    replicas: list[dict] = field(default_factory=list)  # Serve replicas on this node
+
+    @property
+    def allocation(self) -> str | None:
+        return self.labels.get(ALLOCATION_LABEL)
+
+    @property
+    def running_replicas(self) -> int:
+        return sum(1 for r in self.replicas if r.get("state") == "RUNNING")
+
+
+class RayView:
+    def __init__(self, head: HeadInfo):
+        self.head = head
+        self._gcs = None
+
+    def _client(self):
+        if self._gcs is None:
+            from ray._raylet import GcsClient
+            self._gcs = GcsClient(address=self.head.gcs_address)
+        return self._gcs
+
+    def nodes(self) -> list[NodeView]:
+        """All worker nodes (the head excluded) with their Serve replicas."""
+        from ray.core.generated import gcs_pb2
+
+        infos = self._client().get_all_node_info(timeout=5)
+        replicas = self._replicas_by_node()
+        out = []
+        for node_id, info in infos.items():
+            labels = dict(info.labels)
+            if ALLOCATION_LABEL not in labels:
+                continue
+            hex_id = node_id.hex()
+            out.append(NodeView(
+                node_id=hex_id, ip=info.node_manager_address,
+                alive=info.state == gcs_pb2.GcsNodeInfo.ALIVE,
+                draining=bool(getattr(info, "state_snapshot", None)
+                              and info.state_snapshot.state == info.state_snapshot.DRAINING),
+                labels=labels, replicas=replicas.get(hex_id, [])))
+        return out
+
+    def _replicas_by_node(self) -> dict[str, list[dict]]:
+        r = httpx.get(f"{self.head.dashboard_url}/api/serve/applications/",
+                      headers=self.head.auth_headers(), timeout=10)
+        r.raise_for_status()
+        by_node: dict[str, list[dict]] = {}
+        for app in (r.json().get("applications") or {}).values():
+            for name, dep in (app.get("deployments") or {}).items():
+                for rep in dep.get("replicas") or []:
+                    rep = {**rep, "deployment": name}
+                    by_node.setdefault(rep.get("node_id") or "", []).append(rep)
+        return by_node
+
+    def drain(self, node_id: str, deadline_s: float, message: str) -> tuple[bool, str]:
+        """Ask the GCS to drain a node: Serve moves its replicas before the deadline."""
+        from ray.core.generated import autoscaler_pb2
+
+        deadline_ms = int((time.time() + deadline_s) * 1000)
+        accepted, why = self._client().drain_node(
+            node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            message, deadline_ms)
+        return bool(accepted), why or ""

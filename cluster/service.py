@@ -1,0 +1,176 @@
+"""`hpcserve up` and `hpcserve down`: the whole service's lifecycle on the head.
+
+``up`` starts the Ray head, deploys the Serve config through the dashboard (what
+`serve deploy` does, so later `serve deploy`s update it in place), and starts the
+control loop detached.  ``down`` stops exactly what ``up`` recorded, by PID:
+the control loop, every live allocation (through its provider), then the head's
+process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from cluster.config import HpcserveConfig, default_config_text, load_config
+from cluster.head import HeadInfo, deploy_serve, serve_status, start_head
+from cluster.providers import make_provider
+from cluster.state import StateStore
+from serve_app.processes import pid_alive, stop_process_group, stop_session
+
+
+def home_dir(home: str | None) -> Path:
+    return Path(home or os.environ.get("HPCSERVE_HOME") or Path.home() / ".hpcserve").resolve()
+
+
+def run_dir_of(home: Path) -> Path:
+    return home / "run"
+
+
+def _prebuild_models(config: HpcserveConfig) -> None:
+    """Build the tiny model once here, not in several replicas at once."""
+    for app in config.serve.get("applications", []):
+        for model in (app.get("args") or {}).get("models", []):
+            args = model.get("engine_args") or {}
+            if model.get("engine", "zmq") in ("zmq", "vllm") and not (
+                    args.get("model_path") or args.get("model") or args.get("address")):
+                from serve_app.tiny_model import ensure_tiny_model
+                ensure_tiny_model()
+                return
+
+
+def up(config_path: str | None, home: Path, wait: bool = True, timeout_s: float = 600,
+       progress=print) -> HeadInfo:
+    config = load_config(config_path)  # raises ConfigError naming the field
+    run_dir = run_dir_of(home)
+    if (run_dir / "head.json").exists() and pid_alive(HeadInfo.load(run_dir).pid):
+        raise RuntimeError(f"hpcserve is already running from {home} (hpcserve down first)")
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    t0 = time.monotonic()
+    (run_dir / "config.yaml").write_text(
+        Path(config_path).read_text() if config_path else default_config_text())
+    (run_dir / "serve.yaml").write_text(yaml.safe_dump(config.serve, sort_keys=False))
+    progress(f"config: {config.source}")
+    _prebuild_models(config)
+    head = start_head(config, run_dir, home / "auth_token")
+    progress(f"ray head up ({time.monotonic() - t0:.1f}s): gcs {head.gcs_address}, "
+             f"dashboard {head.dashboard_url}")
+    control_pid = start_control(run_dir, head)
+    deploy_serve(head, config.serve)
+    progress(f"serve config deployed; control loop pid {control_pid}")
+    if wait:
+        wait_ready(head, config, timeout_s, progress, t0)
+    return head
+
+
+def start_control(run_dir: Path, head: HeadInfo) -> int:
+    """Start the control loop detached; it re-adopts whatever state.db records."""
+    pid_file = run_dir / "control.pid"
+    if pid_file.exists() and pid_alive(int(pid_file.read_text())):
+        raise RuntimeError(f"control loop already running (pid {pid_file.read_text()})")
+    log = open(run_dir / "logs" / "control.log", "ab")
+    control = subprocess.Popen([sys.executable, "-m", "cluster.control", str(run_dir)],
+                               env=head.process_env(), stdout=log, stderr=log,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    pid_file.write_text(str(control.pid))
+    return control.pid
+
+
+def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progress,
+               t0: float) -> None:
+    """Until every app is RUNNING and each model answers one token."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            apps = serve_status(head).get("applications") or {}
+            states = {name: a.get("status") for name, a in apps.items()}
+        except httpx.HTTPError:
+            states = {}
+        line = ", ".join(f"{k}={v}" for k, v in states.items()) or "waiting for Serve"
+        if line != last:
+            progress(f"  [{time.monotonic() - t0:5.1f}s] {line}")
+            last = line
+        if states and all(s == "RUNNING" for s in states.values()):
+            break
+        if any(s == "DEPLOY_FAILED" for s in states.values()):
+            raise RuntimeError(f"deploy failed: {json.dumps(apps)[:3000]}")
+        time.sleep(1)
+    else:
+        raise TimeoutError(f"not ready after {timeout_s}s; see hpcserve status and logs")
+    models = [m["name"] for a in config.serve["applications"]
+              for m in (a.get("args") or {}).get("models", [])]
+    for model in models:
+        r = httpx.post(f"{head.http_url}/v1/completions", timeout=120,
+                       json={"model": model, "prompt": "hello", "max_tokens": 1},
+                       headers=_api_key_header(config))
+        if r.status_code != 200:
+            raise RuntimeError(f"model {model} failed its first request: {r.text[:500]}")
+    progress(f"ready: first token served {time.monotonic() - t0:.1f}s after start; "
+             f"OpenAI endpoint {head.http_url}/v1")
+
+
+def _api_key_header(config: HpcserveConfig) -> dict[str, str]:
+    for app in config.serve.get("applications", []):
+        keys = (app.get("args") or {}).get("api_keys") or []
+        if keys:
+            return {"Authorization": f"Bearer {keys[0]}"}
+    return {}
+
+
+def down(home: Path, progress=print) -> None:
+    run_dir = run_dir_of(home)
+    if not (run_dir / "head.json").exists():
+        progress("nothing running")
+        return
+    head = HeadInfo.load(run_dir)
+    control_pid = int((run_dir / "control.pid").read_text()) if (
+        run_dir / "control.pid").exists() else 0
+    if control_pid and pid_alive(control_pid):
+        stop_process_group(control_pid, grace_s=10)
+        progress(f"control loop {control_pid} stopped")
+    if (run_dir / "state.db").exists():
+        _cancel_allocations(run_dir, progress)
+    stop_session(head.pid)  # the head's group and strays like Serve's HAProxy
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+    (run_dir / "head.json").rename(run_dir / "head.stopped.json")
+    progress(f"ray head {head.pid} stopped")
+
+
+def _cancel_allocations(run_dir: Path, progress) -> None:
+    config = load_config(run_dir / "config.yaml")
+    store = StateStore(run_dir / "state.db")
+    pools = {p.name: p for p in config.cluster.pools}
+    live = store.allocations(live_only=True)
+    providers = {}
+    for a in live:
+        pc = pools.get(a.pool)
+        if pc is None:
+            continue
+        if a.pool not in providers:
+            providers[a.pool] = make_provider(pc.provider, dict(pc.provider_options),
+                                              run_dir, pc.name)
+        providers[a.pool].cancel(a.job_id)
+        a.phase, a.reason, a.retired_time = "RETIRED", "hpcserve down", time.time()
+        store.save(a)
+        progress(f"cancelled {a.id} (job {a.job_id})")
+    deadline = time.monotonic() + 30  # wait for jobs to end, as `down` promises
+    pending = {a.pool: [] for a in live}
+    for a in live:
+        pending[a.pool].append(a.job_id)
+    while time.monotonic() < deadline and any(pending.values()):
+        for pool, ids in pending.items():
+            if ids and pool in providers:
+                infos = providers[pool].poll(ids)
+                pending[pool] = [i for i in ids if not infos[i].state.terminal]
+        time.sleep(0.5)

@@ -1,0 +1,68 @@
+"""`hpcserve status`: allocations, models and replicas in one view."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cluster.head import HeadInfo, serve_status
+from cluster.service import run_dir_of
+from cluster.state import StateStore
+from serve_app.processes import pid_alive
+
+
+def collect(home: Path) -> dict:
+    run_dir = run_dir_of(home)
+    if not (run_dir / "head.json").exists():
+        return {"running": False}
+    head = HeadInfo.load(run_dir)
+    control_pid = int((run_dir / "control.pid").read_text())
+    out: dict = {"running": pid_alive(head.pid), "endpoint": f"{head.http_url}/v1",
+                 "dashboard": head.dashboard_url, "head_pid": head.pid,
+                 "control_pid": control_pid, "control_alive": pid_alive(control_pid)}
+    store = StateStore(run_dir / "state.db")
+    now = time.time()
+    out["allocations"] = [{
+        "id": a.id, "pool": a.pool, "provider": a.provider, "job": a.job_id,
+        "phase": a.phase, "node": a.node,
+        "walltime_left_s": round(a.end_time - now) if a.end_time else None}
+        for a in store.allocations(live_only=True)]
+    try:
+        apps = serve_status(head).get("applications") or {}
+    except Exception as err:  # the head may be starting or gone
+        out["serve_error"] = str(err)
+        apps = {}
+    out["applications"] = {}
+    for name, app in apps.items():
+        deployments = {}
+        for dep_name, dep in (app.get("deployments") or {}).items():
+            deployments[dep_name] = {
+                "status": dep.get("status"),
+                "replicas": [{"state": r.get("state"), "node_ip": r.get("node_ip"),
+                              "node_id": (r.get("node_id") or "")[:12]}
+                             for r in dep.get("replicas") or []]}
+        out["applications"][name] = {"status": app.get("status"), "deployments": deployments}
+    out["events"] = [f"{time.strftime('%H:%M:%S', time.localtime(t))} {alloc} {msg}"
+                     for t, _, alloc, msg in store.events(10)]
+    return out
+
+
+def render(s: dict) -> str:
+    if not s.get("running"):
+        return "hpcserve: not running"
+    lines = [f"endpoint  {s['endpoint']}   dashboard {s['dashboard']}",
+             f"head pid {s['head_pid']}   control loop pid {s['control_pid']} "
+             f"({'alive' if s['control_alive'] else 'DEAD'})", "",
+             f"{'ALLOCATION':24} {'PROVIDER':8} {'JOB':18} {'PHASE':9} {'NODE':14} WALL-TIME LEFT"]
+    for a in s["allocations"]:
+        left = "-" if a["walltime_left_s"] is None else f"{a['walltime_left_s']}s"
+        lines.append(f"{a['id']:24} {a['provider']:8} {a['job']:18} {a['phase']:9} "
+                     f"{a['node'] or '-':14} {left}")
+    for app, info in s.get("applications", {}).items():
+        lines += ["", f"application {app}: {info['status']}"]
+        for dep, d in info["deployments"].items():
+            where = ", ".join(f"{r['state']}@{r['node_ip']}" for r in d["replicas"]) or "-"
+            lines.append(f"  {dep:24} {d['status']:10} {where}")
+    if s.get("events"):
+        lines += ["", "recent events:"] + [f"  {e}" for e in s["events"]]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""hpcserve data plane: everything that runs inside Ray Serve."""

@@ -1,0 +1,28 @@
+"""Entry point for `serve deploy`: ``import_path: serve_app.app:build_app``.
+
+Builds one engine deployment per configured model and the ingress that routes to
+them.  The ingress is pinned to the head (``serve_head`` resource) because workers
+come and go with their batch jobs; engine replicas ask for ``hpc_slot`` (or what
+the model config says), which only workers advertise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from serve_app.config import parse_app_config
+from serve_app.engines.base import engine_class
+from serve_app.ingress import Ingress
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = parse_app_config(args)
+    engines = {}
+    for model in config.models:
+        deployment = engine_class(model.engine).options(**model.deployment_options())
+        engines[model.name] = deployment.bind(model_name=model.name, **model.engine_args)
+    ingress = Ingress.options(
+        ray_actor_options={"num_cpus": 0, "resources": dict(config.ingress_resources)})
+    return ingress.bind(config.model_dump(), engines)

@@ -1,0 +1,120 @@
+"""The arguments of ``serve_app.app:build_app``: what `serve deploy` changes in place.
+
+Validated with pydantic so a bad config fails at deploy time with the field named
+(``models.0.autoscaling.max_replicas: ...``) instead of as a replica crash later.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serve_app.engines.base import ENGINE_CLASSES
+
+EngineKind = Literal["zmq", "vllm", "triton"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingConfig(_Strict):
+    """Passed through to Serve's ``autoscaling_config`` (same names)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=16, gt=0)
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+    metrics_interval_s: float = Field(default=2.0, gt=0)
+    look_back_period_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1, description="the `model` clients ask for")
+    engine: EngineKind = "zmq"
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    num_replicas: int = Field(default=1, ge=0)
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    resources: dict[str, float] = Field(default_factory=lambda: {"hpc_slot": 1.0})
+    num_cpus: float = Field(default=0.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    max_model_len: int | None = Field(default=None, gt=0,
+                                      description="shown in /v1/models; engines enforce it")
+    health_check_period_s: float = Field(default=2.0, gt=0)
+    health_check_timeout_s: float = Field(default=10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
+
+    def deployment_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "name": f"engine-{self.name}",
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  "resources": dict(self.resources)},
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": 1.0,
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+class AppConfig(_Strict):
+    models: list[ModelConfig] = Field(min_length=1)
+    api_keys: list[str] = Field(default_factory=list,
+                                description="accepted bearer tokens; empty: no auth")
+    api_keys_file: str | None = Field(default=None, description="one key per line")
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_retries: int = Field(default=3, ge=0,
+                             description="engine calls retried on another replica")
+    ingress_resources: dict[str, float] = Field(default_factory=lambda: {"serve_head": 0.001})
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AppConfig":
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique, repeated: {dupes}")
+        return self
+
+    def load_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_keys_file:
+            with open(self.api_keys_file, encoding="utf-8") as f:
+                keys += [line.strip() for line in f if line.strip()]
+        return keys
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted path of the offending field."""
+
+
+def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        where = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        lines.append(f"{where or '<root>'}: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_app_config(args: dict[str, Any], prefix: str = "args") -> AppConfig:
+    try:
+        return AppConfig.model_validate(args or {})
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, prefix)) from None
+
+
+assert set(ENGINE_CLASSES) == {"zmq", "vllm", "triton"}  # EngineKind mirrors the registry

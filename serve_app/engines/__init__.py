@@ -1,0 +1,1 @@
+"""Engine replicas: Serve deployments that turn GenerateRequests into deltas."""

@@ -1,0 +1,113 @@
+"""OpenAI response framing: SSE chunks and whole responses, built once per request.
+
+Per-chunk work is the data plane's hottest Python path (it runs for every
+token group of every stream), so the constant part of each chunk is serialized
+once per request and only the text is encoded per chunk.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+import orjson
+
+from serve_app.protocol import Usage
+
+Kind = Literal["chat", "completion"]
+DONE = b"data: [DONE]\n\n"
+
+
+def usage_dict(usage: Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+class ResponseFramer:
+    """Frames one request's output as OpenAI chat or text completion objects."""
+
+    def __init__(self, kind: Kind, model: str):
+        self.kind = kind
+        self.model = model
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        head = orjson.dumps({"id": self.id, "object": obj, "created": self.created,
+                             "model": model})[:-1]
+        if kind == "chat":
+            self._pre = head + b',"choices":[{"index":0,"delta":{"content":'
+            self._post = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        else:
+            self._pre = head + b',"choices":[{"index":0,"text":'
+            self._post = b',"logprobs":null,"finish_reason":null}]}\n\n'
+        self._head = head
+
+    def _event(self, obj: dict) -> bytes:
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def first_chunk(self) -> bytes:
+        """Chat streams open with the assistant role, as OpenAI's do."""
+        if self.kind != "chat":
+            return b""
+        return (b"data: " + self._head + b',"choices":[{"index":0,"delta":{"role":"assistant",'
+                b'"content":""},"logprobs":null,"finish_reason":null}]}\n\n')
+
+    def text_chunk(self, text: str) -> bytes:
+        return b"data: " + self._pre + orjson.dumps(text) + self._post
+
+    def logprobs(self, entries: list[dict], text_offset: int = 0) -> dict:
+        """Engine entries (chat-style ``{token, logprob, top_logprobs}``) as OpenAI
+        chat ``{"content": [...]}`` or legacy completions' parallel lists."""
+        if self.kind == "chat":
+            return {"content": entries}
+        offsets, pos = [], text_offset
+        for e in entries:
+            offsets.append(pos)
+            pos += len(e["token"])
+        return {"tokens": [e["token"] for e in entries],
+                "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs") or ()}
+                                 for e in entries],
+                "text_offset": offsets}
+
+    def chunk_with_logprobs(self, text: str, logprobs: dict) -> bytes:
+        """The slow path, only for requests that asked for logprobs."""
+        base = {"id": self.id, "created": self.created, "model": self.model}
+        if self.kind == "chat":
+            choice = {"index": 0, "delta": {"content": text}, "logprobs": logprobs,
+                      "finish_reason": None}
+            return self._event({**base, "object": "chat.completion.chunk", "choices": [choice]})
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}
+        return self._event({**base, "object": "text_completion", "choices": [choice]})
+
+    def final_chunks(self, finish_reason: str, usage: Usage | None,
+                     include_usage: bool) -> bytes:
+        base = {"id": self.id, "created": self.created, "model": self.model}
+        if self.kind == "chat":
+            choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+            out = self._event({**base, "object": "chat.completion.chunk", "choices": [choice]})
+        else:
+            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
+            out = self._event({**base, "object": "text_completion", "choices": [choice]})
+        if include_usage and usage is not None:
+            obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+            out += self._event({**base, "object": obj, "choices": [],
+                                "usage": usage_dict(usage)})
+        return out + DONE
+
+    def error_event(self, body: dict) -> bytes:
+        return self._event(body) + DONE
+
+    def whole(self, text: str, finish_reason: str, usage: Usage,
+              logprobs: dict | None = None) -> bytes:
+        base = {"id": self.id, "created": self.created, "model": self.model,
+                "usage": usage_dict(usage)}
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": logprobs, "finish_reason": finish_reason}
+            return orjson.dumps({**base, "object": "chat.completion", "choices": [choice]})
+        choice = {"index": 0, "text": text, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
+        return orjson.dumps({**base, "object": "text_completion", "choices": [choice]})

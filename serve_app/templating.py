@@ -1,0 +1,46 @@
+"""Turn a ``GenerateRequest`` into the exact prompt text a model continues.
+
+Engines that tokenize themselves (the ZMQ engine, Triton) share this so that the
+same request renders the same way everywhere; vLLM applies its own template.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve_app.protocol import ChatMessage, GenerateRequest
+
+
+def render_prompt(tokenizer: Any, request: GenerateRequest) -> str:
+    """The prompt as-is, or the chat messages through the model's chat template.
+
+    ``request.continuation`` (text a client already received from a replica that
+    died) is appended last, so generation resumes exactly where the stream broke.
+    """
+    if request.messages is not None:
+        text = tokenizer.apply_chat_template(
+            [template_message(m) for m in request.messages],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+    elif request.prompt is not None:
+        text = request.prompt
+    else:
+        raise ValueError("a GenerateRequest needs a prompt or messages")
+    return text + request.continuation
+
+
+def template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates expect it: content flattened to a string.
+
+    Templates index ``message['content']`` as text; OpenAI content parts would
+    render as a Python list repr, so they are flattened first.  Optional fields
+    (name, tool calls) are passed only when set, so templates that test for their
+    presence behave as with a plain dict.
+    """
+    out: dict[str, Any] = {"role": message.role, "content": message.text()}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        value = getattr(message, key)
+        if value is not None:
+            out[key] = value
+    return out

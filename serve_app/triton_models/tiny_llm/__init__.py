@@ -1,0 +1,1 @@
+"""The tiny model's Triton Python-backend code (a package so it ships in wheels)."""

@@ -1,0 +1,144 @@
+"""Pool decisions that need no Ray: queue timeouts, replacement with backoff,
+re-adoption without duplicates, provider outages, adaptive lead time.
+
+Jobs are real local jobs (the local provider's supervisor) running a stand-in
+script that just sleeps, so states come from the provider as in production.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cluster.config import PoolConfig
+from cluster.pool import LeadTime, Pool
+from cluster.providers.base import JobState, ProviderError, WorkerSpec
+from cluster.providers.local import LocalProvider
+from cluster.state import FAILED, QUEUED, STARTING, StateStore
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "sleep_job.sh"
+    path.write_text("#!/usr/bin/env bash\ntrap 'exit 0' TERM USR1\nsleep 600 & wait\n")
+    return path
+
+
+def _pool(tmp_path, script, store=None, queue_delay_s=0.0, **overrides):
+    config = PoolConfig(name="p", walltime_s=600, **overrides)
+    provider = LocalProvider(tmp_path / "jobs", job_script=script, queue_delay_s=queue_delay_s,
+                             kill_grace_s=2)
+    store = store or StateStore(tmp_path / "state.db")
+    spec = WorkerSpec(allocation_id="", pool="p", head_address="127.0.0.1:1",
+                      walltime_s=config.walltime_s, warning_s=config.warning_s)
+    drains = []
+    pool = Pool(config, provider, store, spec,
+                drain=lambda node_id, deadline, why: drains.append(node_id) or (True, ""))
+    return pool, provider, store
+
+
+def _cancel_all(provider, store):
+    for a in store.allocations():
+        provider.cancel(a.job_id)
+
+
+def _until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_keeps_the_configured_number_and_readopts_without_duplicates(tmp_path, script):
+    pool, provider, store = _pool(tmp_path, script, allocations=2)
+    try:
+        pool.tick(nodes=[])
+        assert len(store.allocations(live_only=True)) == 2
+        assert _until(lambda: (pool.tick(nodes=[]), all(
+            a.phase == STARTING for a in store.allocations(live_only=True)))[1])
+        # A restarted control loop: a new Pool over the same state submits nothing.
+        again, _, _ = _pool(tmp_path, script, store=store, allocations=2)
+        for _ in range(3):
+            again.tick(nodes=[])
+        assert len(store.allocations()) == 2
+    finally:
+        _cancel_all(provider, store)
+
+
+def test_job_stuck_in_queue_is_replaced_with_backoff(tmp_path, script):
+    pool, provider, store = _pool(tmp_path, script, queue_delay_s=60, queue_timeout_s=1)
+    try:
+        pool.tick(nodes=[])
+        first = store.allocations()[0]
+        assert first.phase == QUEUED
+        time.sleep(1.5)
+        pool.tick(nodes=[])
+        first = next(a for a in store.allocations() if a.id == first.id)
+        assert first.phase == FAILED and "queue_timeout" in first.reason
+        assert _until(lambda: provider.poll([first.job_id])[first.job_id].state.terminal)
+        # The replacement waits for the backoff, then comes.
+        assert len(store.allocations()) == 1
+        assert pool.next_submit_after > time.time()
+        pool.next_submit_after = 0  # let the backoff pass
+        pool.tick(nodes=[])
+        assert len(store.allocations(live_only=True)) == 1
+        assert len(store.allocations()) == 2
+    finally:
+        _cancel_all(provider, store)
+
+
+def test_failed_job_is_replaced(tmp_path):
+    bad = tmp_path / "fail.sh"
+    bad.write_text("#!/usr/bin/env bash\nexit 3\n")
+    pool, provider, store = _pool(tmp_path, bad)
+    pool.tick(nodes=[])
+    job = store.allocations()[0].job_id
+    assert _until(lambda: provider.poll([job])[job].state is JobState.FAILED)
+    pool.tick(nodes=[])
+    assert store.allocations()[0].phase == FAILED
+    pool.next_submit_after = 0
+    pool.tick(nodes=[])
+    assert len(store.allocations()) == 2
+
+
+class _Unreachable(LocalProvider):
+    """A scheduler that is down: every call fails (what SLURM/HEAppE outages look like)."""
+
+    def submit(self, spec):
+        raise ProviderError("scheduler unreachable")
+
+    def poll(self, job_ids):
+        raise ProviderError("scheduler unreachable")
+
+
+def test_provider_outage_keeps_state_and_backs_off(tmp_path, script):
+    pool, provider, store = _pool(tmp_path, script)
+    try:
+        pool.tick(nodes=[])
+        assert _until(lambda: (pool.tick(nodes=[]),
+                               store.allocations()[0].phase == STARTING)[1])
+        pool.provider = _Unreachable(tmp_path / "jobs")
+        pool.tick(nodes=[])  # poll fails: the running allocation is kept as it was
+        assert [a.phase for a in store.allocations()] == [STARTING]
+        pool.provider = provider
+        pool.tick(nodes=[])
+        assert [a.phase for a in store.allocations()] == [STARTING]
+    finally:
+        _cancel_all(provider, store)
+
+
+def test_lead_time_adapts_to_observations(tmp_path):
+    store = StateStore(tmp_path / "state.db")
+    config = PoolConfig(name="p", walltime_s=3600, lead_time_s=300, warning_s=60,
+                        lead_time_margin_s=10)
+    lead = LeadTime(config, store)
+    assert lead.seconds() == 300  # configured until rotations were seen
+    store.observe("p", "startup_s", 40)
+    assert lead.seconds() == 300  # a start-up alone says nothing about hand-over
+    store.observe("p", "handover_s", 25)
+    assert lead.seconds() == 40 + 25 + 60 + 10
+    store.observe("p", "startup_s", 200)  # the queue got slower: submit earlier
+    assert lead.seconds() == 200 + 25 + 60 + 10

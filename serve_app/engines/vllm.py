@@ -1,0 +1,280 @@
+"""``VLLMEngine``: a Serve replica running vLLM's ``AsyncLLM`` in its own process.
+
+Why in-process (unlike the ZMQ engine): ``AsyncLLM`` already keeps the model in a
+separate EngineCore process and only detokenizes and streams in the caller, so the
+replica is a thin async front and one hop is saved.
+
+Requests go through the same code path as vLLM's OpenAI server: vLLM's
+``ChatCompletionRequest``/``CompletionRequest`` models, its ``OnlineRenderer`` (chat
+template, tokenization, length checks) and ``to_sampling_params``.  That is what
+makes output match bare vLLM token for token, and vLLM's own validation errors
+reach the client as 4xx.
+
+``engine_args`` are vLLM's ``AsyncEngineArgs`` (the api_server flags with
+underscores) plus a few replica-level options (``SERVING_ARGS``).  With no
+``model`` the replica serves hpcserve's tiny model with small CPU-friendly defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import dataclasses
+import difflib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from serve_app.protocol import EngineError, GenerateDelta, GenerateRequest, Usage
+
+log = logging.getLogger("hpcserve.engines.vllm")
+
+# Handled by the replica itself, not by AsyncEngineArgs.
+SERVING_ARGS = {
+    "env",                          # env vars set before vLLM starts (VLLM_CPU_KVCACHE_SPACE, ...)
+    "chat_template",                # path or literal, as api_server's --chat-template
+    "chat_template_content_format",  # as --chat-template-content-format (default auto)
+    "default_chat_template_kwargs",  # as --default-chat-template-kwargs
+}
+# For the tiny model only (no `model` given): it must start on a 2-core CPU box.
+TINY_MODEL_DEFAULTS = {"max_model_len": 2048, "enforce_eager": True,
+                       "kv_cache_memory_bytes": 64 * 1024 * 1024}
+_DEFAULT_ENV = {"VLLM_NO_USAGE_STATS": "1"}
+
+
+class EngineStartError(RuntimeError):
+    """vLLM failed to start twice (the first failure may be a known flake)."""
+
+
+def split_engine_args(model_name: str, engine_args: dict[str, Any]
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(AsyncEngineArgs kwargs, replica options); unknown names raise ValueError.
+
+    Done before anything starts so a typo in the config is named, with the closest
+    valid spelling, instead of surfacing as a TypeError deep in vLLM.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(engine_args) - known - SERVING_ARGS)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known | SERVING_ARGS, n=1)
+            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ValueError(
+            f"models[{model_name}].engine_args: unknown vLLM engine argument(s) "
+            f"{', '.join(hints)}. Valid names are AsyncEngineArgs fields (vLLM api_server "
+            f"flags with '_' for '-') or {sorted(SERVING_ARGS)}.")
+    vllm_kwargs = {k: v for k, v in engine_args.items() if k not in SERVING_ARGS}
+    serving = {k: v for k, v in engine_args.items() if k in SERVING_ARGS}
+    if "model" not in vllm_kwargs:
+        from serve_app.tiny_model import ensure_tiny_model
+        vllm_kwargs["model"] = str(ensure_tiny_model())
+        for key, value in TINY_MODEL_DEFAULTS.items():
+            if key != "kv_cache_memory_bytes" or "VLLM_CPU_KVCACHE_SPACE" not in {
+                    **os.environ, **serving.get("env", {})}:
+                vllm_kwargs.setdefault(key, value)
+    vllm_kwargs.setdefault("served_model_name", model_name)
+    return vllm_kwargs, serving
+
+
+def start_engine(engine_args: Any, model_name: str):
+    """``AsyncLLM.from_engine_args``, retried once: start flakes ~1 in 5 under load
+    (SemLock / ``/psm_*`` FileNotFoundError), a second failure is reported."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    first: BaseException | None = None
+    for attempt in (1, 2):
+        t0 = time.monotonic()
+        try:
+            engine = AsyncLLM.from_engine_args(engine_args)
+            log.info("vLLM engine for %s started in %.1f s (attempt %d)", model_name,
+                     time.monotonic() - t0, attempt)
+            return engine
+        except Exception as exc:  # noqa: BLE001 - any start failure gets one retry
+            if first is not None:
+                raise EngineStartError(
+                    f"vLLM engine for model '{model_name}' ({engine_args.model}) failed to "
+                    f"start twice. First: {type(first).__name__}: {first}. Second: "
+                    f"{type(exc).__name__}: {exc}") from exc
+            first = exc
+            log.warning("vLLM engine for %s failed to start (%s: %s); retrying once",
+                        model_name, type(exc).__name__, exc)
+            time.sleep(2.0)
+    raise AssertionError("unreachable")
+
+
+@serve.deployment
+class VLLMEngine:
+    def __init__(self, model_name: str, **engine_args: Any):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+        from vllm.renderers.chat_utils import load_chat_template
+        from vllm.renderers.online_renderer import OnlineRenderer
+
+        self.model_name = model_name
+        vllm_kwargs, serving = split_engine_args(model_name, engine_args)
+        for key, value in {**_DEFAULT_ENV, **serving.get("env", {})}.items():
+            if key in serving.get("env", {}) or key not in os.environ:
+                os.environ[key] = str(value)
+        self.engine = start_engine(AsyncEngineArgs(**vllm_kwargs), model_name)
+        atexit.register(self._shutdown)  # a replica that exits without __del__
+        mc = self.engine.model_config
+        self._get_max_tokens = get_max_tokens
+        self.renderer = OnlineRenderer(
+            model_config=mc, renderer=self.engine.renderer, request_logger=None,
+            chat_template=load_chat_template(serving.get("chat_template")),
+            chat_template_content_format=serving.get("chat_template_content_format", "auto"),
+            default_chat_template_kwargs=serving.get("default_chat_template_kwargs"))
+        self.renderer.warmup()
+        self.aborted = 0  # requests freed before they finished (client gone or failed)
+        # As vLLM's OpenAIServingChat/Completion: the model's generation_config
+        # defaults, and its max_tokens override.
+        self.default_sampling = mc.get_diff_sampling_param()
+        self.override_max_tokens = (
+            self.default_sampling.get("max_tokens")
+            if mc.generation_config not in ("auto", "vllm")
+            else getattr(mc, "override_generation_config", {}).get("max_new_tokens"))
+
+    # ---- generation ---------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
+        from vllm.sampling_params import RequestOutputKind
+
+        from serve_app.engines.vllm_requests import (
+            engine_error,
+            finish_reason,
+            logprobs_content,
+        )
+
+        chat = request.messages is not None
+        engine_input, prompt_len, sampling = await self._prepare(request, chat)
+        sampling.output_kind = RequestOutputKind.DELTA
+        want_logprobs = sampling.logprobs is not None
+        tokenizer = self.engine.renderer.tokenizer
+        request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # unique per attempt
+        completion_tokens, finished = 0, False
+        try:
+            # vLLM's per-request collector merges outputs produced while we were
+            # busy, so each item is everything that was ready: one chunk per item.
+            async for out in self.engine.generate(engine_input, sampling, request_id):
+                c = out.outputs[0]
+                completion_tokens += len(c.token_ids)
+                delta = GenerateDelta(text=c.text, num_tokens=len(c.token_ids))
+                if want_logprobs and c.logprobs:
+                    delta.extras["logprobs"] = logprobs_content(c.token_ids, c.logprobs,
+                                                                tokenizer)
+                if out.finished:
+                    finished = True
+                    delta.finish_reason = finish_reason(c.finish_reason)
+                    delta.usage = Usage(prompt_len, completion_tokens)
+                yield [delta]
+        except Exception as exc:
+            err = engine_error(exc, chat)
+            if err is not None:
+                raise err from None
+            raise
+        finally:
+            if not finished:  # client gone (cancelled) or failed: free the KV cache now
+                self.aborted += 1
+                await _abort_quietly(self.engine, request_id)
+
+    async def _prepare(self, request: GenerateRequest, chat: bool):
+        """(engine input, prompt tokens excluding continuation, SamplingParams)."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        from serve_app.engines.vllm_requests import (
+            engine_error,
+            error_response_to_engine_error,
+            to_vllm_request,
+        )
+
+        vreq = to_vllm_request(request, self.model_name)
+        try:
+            if chat:
+                rendered = await self.renderer.render_chat(vreq)
+                if isinstance(rendered, ErrorResponse):
+                    raise error_response_to_engine_error(rendered, chat)
+                engine_input = rendered[1][0]
+            else:
+                rendered = await self.renderer.render_completion(vreq)
+                if isinstance(rendered, ErrorResponse):
+                    raise error_response_to_engine_error(rendered, chat)
+                engine_input = rendered[0]
+            prompt_ids = list(engine_input["prompt_token_ids"])
+            prompt_len = len(prompt_ids)
+            if request.continuation:
+                # A failed-over stream: the text the client already has follows the
+                # templated prompt, tokenized by vLLM's tokenizer, and generation
+                # resumes after it.
+                tokenizer = self.engine.renderer.get_tokenizer()
+                extra = tokenizer.encode(request.continuation, add_special_tokens=False)
+                engine_input["prompt_token_ids"] = prompt_ids + list(extra)
+                if engine_input.get("prompt") is not None:
+                    engine_input["prompt"] += request.continuation
+            max_tokens = self._get_max_tokens(
+                self.engine.model_config.max_model_len,
+                vreq.max_completion_tokens if chat and vreq.max_completion_tokens is not None
+                else vreq.max_tokens,
+                len(engine_input["prompt_token_ids"]), self.default_sampling,
+                self.override_max_tokens, truncate_prompt_tokens=vreq.truncate_prompt_tokens)
+            sampling = vreq.to_sampling_params(max_tokens, self.default_sampling)
+        except EngineError:
+            raise
+        except Exception as exc:
+            err = engine_error(exc, chat)
+            if err is not None:
+                raise err from None
+            raise
+        return engine_input, prompt_len, sampling
+
+    # ---- control ------------------------------------------------------------
+    async def model_info(self) -> dict[str, Any]:
+        import vllm
+
+        mc = self.engine.model_config
+        return {"model": self.model_name, "max_model_len": mc.max_model_len, "engine": "vllm",
+                "engine_model": mc.model, "dtype": str(mc.dtype),
+                "vllm_version": vllm.__version__}
+
+    async def check_health(self) -> None:
+        """Raises when the EngineCore process died, so Serve replaces this replica."""
+        if self.engine.errored:
+            raise RuntimeError(f"vLLM engine for '{self.model_name}' is dead "
+                               f"({type(self.engine.dead_error).__name__})")
+        await self.engine.check_health()
+
+    async def stats(self) -> dict[str, Any]:
+        """``running``: requests the engine still holds (unfinished, incl. queued);
+        ``aborted``: requests this replica freed before they finished."""
+        return {"engine": "vllm", "running": self.engine.get_num_unfinished_requests(),
+                "aborted": self.aborted,
+                "queued_tokens": self.engine.get_num_queued_tokens(),
+                "errored": self.engine.errored}
+
+    def _shutdown(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            self.engine = None
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                log.exception("vLLM engine shutdown failed")
+
+    def __del__(self) -> None:
+        """Serve calls this on graceful shutdown: stop the EngineCore process."""
+        self._shutdown()
+        atexit.unregister(self._shutdown)
+
+
+async def _abort_quietly(engine: Any, request_id: str) -> None:
+    """Abort ``request_id``; safe to call from a cancelled generator's ``finally``."""
+    try:
+        await asyncio.shield(engine.abort(request_id))
+    except BaseException:  # noqa: BLE001 - already finished/aborted, or loop closing
+        pass

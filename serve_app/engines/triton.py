@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 from ray import serve
 
+from serve_app.engines.coalesce import coalesce
 from serve_app.engines.triton_requests import (
     TritonEngineArgs,
     decode_outputs,
@@ -59,8 +60,9 @@ class TritonUnavailable(ConnectionError):
 
 @serve.deployment
 class TritonEngine:
-    def __init__(self, model_name: str, **engine_args: Any):
+    def __init__(self, model_name: str, stream_interval_ms: float = 0.0, **engine_args: Any):
         self.model_name = model_name
+        self.stream_interval_s = stream_interval_ms / 1000
         self.args = args = TritonEngineArgs.model_validate(engine_args)
         self.triton_model = args.triton_model or model_name
         self.server = None
@@ -98,6 +100,10 @@ class TritonEngine:
 
     # ---- the engine interface ------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
+        async for chunk in coalesce(self._generate(request), self.stream_interval_s):
+            yield chunk
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         prompt, n_prompt = render_request_prompt(request, self.tokenizer, self.model_name,
                                                    self.max_model_len)
         max_tokens = request.sampling.max_tokens

@@ -30,6 +30,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.engines.coalesce import coalesce
 from serve_app.protocol import EngineError, GenerateDelta, GenerateRequest, Usage
 
 log = logging.getLogger("hpcserve.engines.vllm")
@@ -112,13 +113,14 @@ def start_engine(engine_args: Any, model_name: str):
 
 @serve.deployment
 class VLLMEngine:
-    def __init__(self, model_name: str, **engine_args: Any):
+    def __init__(self, model_name: str, stream_interval_ms: float = 0.0, **engine_args: Any):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
         from vllm.renderers.chat_utils import load_chat_template
         from vllm.renderers.online_renderer import OnlineRenderer
 
         self.model_name = model_name
+        self.stream_interval_s = stream_interval_ms / 1000
         vllm_kwargs, serving = split_engine_args(model_name, engine_args)
         for key, value in {**_DEFAULT_ENV, **serving.get("env", {})}.items():
             if key in serving.get("env", {}) or key not in os.environ:
@@ -144,6 +146,10 @@ class VLLMEngine:
 
     # ---- generation ---------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
+        async for chunk in coalesce(self._generate(request), self.stream_interval_s):
+            yield chunk
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         from vllm.sampling_params import RequestOutputKind
 
         from serve_app.engines.vllm_requests import (

@@ -20,6 +20,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.engines.coalesce import coalesce
 from serve_app.protocol import GenerateDelta, GenerateRequest
 from serve_app.zmq_engine.client import EngineClient, EngineProcess, EngineUnavailable
 
@@ -29,8 +30,9 @@ log = logging.getLogger("hpcserve.engines.zmq")
 @serve.deployment
 class ZmqEngine:
     def __init__(self, model_name: str, model_path: str | None = None, address: str | None = None,
-                 max_batch: int = 32):
+                 max_batch: int = 32, stream_interval_ms: float = 0.0):
         self.model_name = model_name
+        self.stream_interval_s = stream_interval_ms / 1000
         self._process: EngineProcess | None = None
         if address is None:
             if model_path is None:
@@ -45,7 +47,7 @@ class ZmqEngine:
         self._info: dict[str, Any] | None = None
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
-        async for deltas in self._client.generate(request):
+        async for deltas in coalesce(self._client.generate(request), self.stream_interval_s):
             yield deltas
 
     async def model_info(self) -> dict[str, Any]:

@@ -4,7 +4,6 @@ nodes are drained, and streaming clients never see a failure."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from cluster.providers.local import LocalProvider, _read_pid
 from cluster.state import FAILED, StateStore
 from serve_app.processes import pid_alive
+from tests.cluster.streaming_clients import Clients, retired_by_rotation
 
 WALLTIME_S = 150
 ROTATIONS = 2
@@ -29,61 +29,15 @@ def stack(hpcserve_stack):
     s.down()
 
 
-class Clients:
-    """Several clients streaming continuously; every failure is kept."""
-
-    def __init__(self, stack, n: int):
-        self.stack, self.n = stack, n
-        self.ok = 0
-        self.failures: list[str] = []
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                        for i in range(n)]
-
-    def _run(self, i: int) -> None:
-        client = self.stack.client(timeout=60)
-        while not self.stop.is_set():
-            try:
-                chunks = list(client.chat.completions.create(
-                    model="tiny", messages=[{"role": "user", "content": f"client {i}"}],
-                    max_tokens=24, stream=True, stream_options={"include_usage": True}))
-                finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-                usage = chunks[-1].usage
-                if finish not in ("stop", "length") or usage is None:
-                    raise AssertionError(f"bad stream end: finish={finish} usage={usage}")
-                with self.lock:
-                    self.ok += 1
-            except Exception as err:  # noqa: BLE001 - every failure counts
-                with self.lock:
-                    self.failures.append(f"{time.strftime('%H:%M:%S')} client {i}: {err!r}")
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=90)
-
-
-def _retired_by_rotation(store: StateStore) -> list:
-    """Allocations handed over to a successor and released before their wall-time."""
-    return [a for a in store.allocations()
-            if a.rotated_out]
-
-
 def test_rotation_under_load_loses_nothing(stack):
     run_dir = stack.home / "run"
     store = StateStore(run_dir / "state.db")
     deadline = time.monotonic() + WALLTIME_S * (ROTATIONS + 2) + 120
     with Clients(stack, n=4) as clients:
-        while time.monotonic() < deadline and len(_retired_by_rotation(store)) < ROTATIONS:
+        while time.monotonic() < deadline and len(retired_by_rotation(store)) < ROTATIONS:
             time.sleep(2)
         time.sleep(5)  # keep streaming across the last hand-over
-    retired = _retired_by_rotation(store)
+    retired = retired_by_rotation(store)
     print(f"\n{clients.ok} streams completed, {len(clients.failures)} failed")
     for a in retired:
         succ = next(s for s in store.allocations() if s.id == a.successor)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 
 from cluster.providers.slurm import SlurmConfig, SlurmProvider
 from cluster.state import FAILED, StateStore
+from tests.cluster.streaming_clients import Clients
 
 WALLTIME_S = 180
 ROTATIONS = 3
@@ -39,39 +39,9 @@ def stack(hpcserve_stack, slurm_cluster, tmp_path_factory):
     s.down()
 
 
-class Clients:
-    def __init__(self, stack, n: int):
-        self.ok, self.failures = 0, []
-        self.stop, self.lock = threading.Event(), threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(stack, i), daemon=True)
-                        for i in range(n)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, stack, i: int) -> None:
-        client = stack.client(timeout=60)
-        while not self.stop.is_set():
-            try:
-                chunks = list(client.chat.completions.create(
-                    model="tiny", messages=[{"role": "user", "content": f"slurm client {i}"}],
-                    max_tokens=24, stream=True, stream_options={"include_usage": True}))
-                assert [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-                assert chunks[-1].usage is not None
-                with self.lock:
-                    self.ok += 1
-            except Exception as err:  # noqa: BLE001 - every failure counts
-                with self.lock:
-                    self.failures.append(f"{time.strftime('%H:%M:%S')} client {i}: {err!r}")
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=90)
-
-
 @pytest.fixture(scope="module")
 def clients(stack):
-    c = Clients(stack, n=4)
+    c = Clients(stack, n=4).start()
     yield c
     c.close()
 

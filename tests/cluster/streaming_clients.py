@@ -1,0 +1,63 @@
+"""Clients that stream chat completions without pause during a rotation test.
+
+Shared by the local, SLURM and HEAppE rotation tests: every failure a client sees
+is kept with its time, so a test can assert there were none and show which.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from cluster.state import StateStore
+
+
+class Clients:
+    """``n`` threads streaming continuously until closed (or the ``with`` block ends)."""
+
+    def __init__(self, stack, n: int):
+        self.stack = stack
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                        for i in range(n)]
+
+    def _run(self, i: int) -> None:
+        client = self.stack.client(timeout=60)
+        while not self.stop.is_set():
+            try:
+                chunks = list(client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": f"client {i}"}],
+                    max_tokens=24, stream=True, stream_options={"include_usage": True}))
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+                usage = chunks[-1].usage
+                if finish not in ("stop", "length") or usage is None:
+                    raise AssertionError(f"bad stream end: finish={finish} usage={usage}")
+                with self.lock:
+                    self.ok += 1
+            except Exception as err:  # noqa: BLE001 - every failure counts
+                with self.lock:
+                    self.failures.append(f"{time.strftime('%H:%M:%S')} client {i}: {err!r}")
+
+    def start(self) -> Clients:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+
+    def __enter__(self) -> Clients:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def retired_by_rotation(store: StateStore) -> list:
+    """Allocations handed over to a successor and released before their wall-time."""
+    return [a for a in store.allocations() if a.rotated_out]

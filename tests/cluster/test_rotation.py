@@ -4,14 +4,13 @@ nodes are drained, and streaming clients never see a failure."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from cluster.providers.local import LocalProvider, _read_pid
 from cluster.state import FAILED, StateStore
 from serve_app.processes import pid_alive
-from tests.cluster.streaming_clients import Clients, retired_by_rotation
+from tests.cluster.rotation_support import stream_through_rotations, wait_jobs_ended
 
 WALLTIME_S = 150
 ROTATIONS = 2
@@ -32,12 +31,8 @@ def stack(hpcserve_stack):
 def test_rotation_under_load_loses_nothing(stack):
     run_dir = stack.home / "run"
     store = StateStore(run_dir / "state.db")
-    deadline = time.monotonic() + WALLTIME_S * (ROTATIONS + 2) + 120
-    with Clients(stack, n=4) as clients:
-        while time.monotonic() < deadline and len(retired_by_rotation(store)) < ROTATIONS:
-            time.sleep(2)
-        time.sleep(5)  # keep streaming across the last hand-over
-    retired = retired_by_rotation(store)
+    clients, retired = stream_through_rotations(stack, store, ROTATIONS,
+                                                timeout=WALLTIME_S * (ROTATIONS + 2) + 120)
     print(f"\n{clients.ok} streams completed, {len(clients.failures)} failed")
     for a in retired:
         succ = next(s for s in store.allocations() if s.id == a.successor)
@@ -54,12 +49,7 @@ def test_rotation_under_load_loses_nothing(stack):
     assert not [a for a in store.allocations() if a.phase == FAILED and a.serving_time]
     # The old allocations are gone: their jobs ended and no process of theirs is left.
     provider = LocalProvider(run_dir / "jobs" / "local")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        infos = provider.poll([a.job_id for a in retired])
-        if all(i.state.terminal for i in infos.values()):
-            break
-        time.sleep(1)
+    infos = wait_jobs_ended(provider, [a.job_id for a in retired])
     for a in retired:
         assert infos[a.job_id].state.terminal, infos[a.job_id]
         job_pid = _read_pid(run_dir / "jobs" / "local" / a.job_id / "job.pid")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import Counter
 
 import pytest
@@ -23,7 +22,7 @@ from cluster.providers.heappe import HeappeProvider
 from cluster.providers.local import _read_pid
 from cluster.state import FAILED, StateStore
 from serve_app.processes import pid_alive
-from tests.cluster.streaming_clients import Clients, retired_by_rotation
+from tests.cluster.rotation_support import stream_through_rotations, wait_jobs_ended
 
 WALLTIME_S = 150
 ROTATIONS = 2
@@ -48,12 +47,8 @@ def test_rotation_through_heappe_loses_nothing(stack, heappe_local):
     run_dir = stack.home / "run"
     store = StateStore(run_dir / "state.db")
     backing = heappe_local.state.backing            # the LocalProvider behind HEAppE
-    deadline = time.monotonic() + WALLTIME_S * (ROTATIONS + 2) + 120
-    with Clients(stack, n=4) as clients:
-        while time.monotonic() < deadline and len(retired_by_rotation(store)) < ROTATIONS:
-            time.sleep(2)
-        time.sleep(5)  # keep streaming across the last hand-over
-    retired = retired_by_rotation(store)
+    clients, retired = stream_through_rotations(stack, store, ROTATIONS,
+                                                timeout=WALLTIME_S * (ROTATIONS + 2) + 120)
     allocations = store.allocations()
     print(f"\n{clients.ok} streams completed, {len(clients.failures)} failed")
     for a in retired:
@@ -96,12 +91,7 @@ def test_rotation_through_heappe_loses_nothing(stack, heappe_local):
 
     # The old allocations are gone: HEAppE reports their jobs ended, no process is left.
     provider = HeappeProvider(**heappe_local.provider_options())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        infos = provider.poll([a.job_id for a in retired])
-        if all(i.state.terminal for i in infos.values()):
-            break
-        time.sleep(1)
+    infos = wait_jobs_ended(provider, [a.job_id for a in retired])
     for a in retired:
         assert infos[a.job_id].state.terminal, infos[a.job_id]
         job_dir = backing.jobs_dir / heappe_local.state.jobs[int(a.job_id)].backing_id

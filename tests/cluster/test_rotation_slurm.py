@@ -16,7 +16,7 @@ import pytest
 
 from cluster.providers.slurm import SlurmConfig, SlurmProvider
 from cluster.state import FAILED, StateStore
-from tests.cluster.streaming_clients import Clients
+from tests.cluster.rotation_support import Clients
 
 WALLTIME_S = 180
 ROTATIONS = 3

@@ -1,7 +1,6 @@
-"""Clients that stream chat completions without pause during a rotation test.
-
-Shared by the local, SLURM and HEAppE rotation tests: every failure a client sees
-is kept with its time, so a test can assert there were none and show which.
+"""What the local, SLURM and HEAppE rotation tests share: clients that stream chat
+completions without pause (every failure kept with its time, so a test can assert
+there were none and show which), and the checks on allocations rotated out.
 """
 
 from __future__ import annotations
@@ -9,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 
+from cluster.providers.base import JobInfo
 from cluster.state import StateStore
 
 
@@ -61,3 +61,25 @@ class Clients:
 def retired_by_rotation(store: StateStore) -> list:
     """Allocations handed over to a successor and released before their wall-time."""
     return [a for a in store.allocations() if a.rotated_out]
+
+
+def wait_jobs_ended(provider, job_ids: list[str], timeout: float = 60) -> dict[str, JobInfo]:
+    """Poll ``provider`` until every job is in a terminal state (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        infos = provider.poll(job_ids)
+        if all(i.state.terminal for i in infos.values()) or time.monotonic() > deadline:
+            return infos
+        time.sleep(1)
+
+
+def stream_through_rotations(stack, store: StateStore, rotations: int, timeout: float
+                             ) -> tuple[Clients, list]:
+    """4 clients stream until ``rotations`` allocations were rotated out (or
+    ``timeout``), and a little longer, across the last hand-over."""
+    deadline = time.monotonic() + timeout
+    with Clients(stack, n=4) as clients:
+        while time.monotonic() < deadline and len(retired_by_rotation(store)) < rotations:
+            time.sleep(2)
+        time.sleep(5)
+    return clients, retired_by_rotation(store)

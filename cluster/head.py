@@ -60,6 +60,10 @@ def ray_environment(cfg: HeadConfig, token_path: Path, haproxy_dir: Path) -> dic
         "RAY_health_check_period_ms": "1000",
         "RAY_health_check_failure_threshold": "3",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "30",
+        # An ingress replica being stopped stays reachable this long so HAProxy
+        # (on the head, reloaded within ~1 s) drops it first; Serve's default 30 s
+        # would stretch every drain of an `ingress: direct` engine replica.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",

@@ -1,9 +1,12 @@
 """Entry point for `serve deploy`: ``import_path: serve_app.app:build_app``.
 
-Builds one engine deployment per configured model and the ingress that routes to
-them.  The ingress is pinned to the head (``serve_head`` resource) because workers
-come and go with their batch jobs; engine replicas ask for ``hpc_slot`` (or what
-the model config says), which only workers advertise.
+``ingress: routed`` (default): one engine deployment per configured model and the
+ingress that routes to them.  The ingress is pinned to the head (``serve_head``
+resource) because workers come and go with their batch jobs; engine replicas ask
+for ``hpc_slot`` (or what the model config says), which only workers advertise.
+
+``ingress: direct``: the one model's engine deployment is the app's ingress
+(``serve_app.engine_ingress``); HAProxy on the head sends requests straight to it.
 """
 
 from __future__ import annotations
@@ -13,12 +16,19 @@ from typing import Any
 from ray.serve import Application
 
 from serve_app.config import parse_app_config
+from serve_app.engine_ingress import engine_ingress
 from serve_app.engines.base import engine_class
 from serve_app.ingress import Ingress
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = parse_app_config(args)
+    if config.ingress == "direct":
+        (model,) = config.models
+        deployment = engine_ingress(model.engine, **model.deployment_options())
+        return deployment.bind(config.model_dump(), model_name=model.name,
+                               stream_interval_ms=model.stream_interval_ms,
+                               **model.engine_args)
     engines = {}
     for model in config.models:
         deployment = engine_class(model.engine).options(**model.deployment_options())

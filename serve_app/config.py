@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from serve_app.engines.base import ENGINE_CLASSES
 
@@ -84,6 +92,10 @@ class AppConfig(_Strict):
     max_retries: int = Field(default=3, ge=0,
                              description="engine calls retried on another replica")
     ingress_resources: dict[str, float] = Field(default_factory=lambda: {"serve_head": 0.001})
+    ingress: Literal["routed", "direct"] = Field(
+        default="routed", description="routed: one ingress replica on the head routes to the "
+        "engines and retries a failed stream on another replica; direct: the engine replicas "
+        "answer HTTP themselves (one model only; one hop less, no mid-stream failover)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppConfig":
@@ -92,6 +104,15 @@ class AppConfig(_Strict):
         if dupes:
             raise ValueError(f"model names must be unique, repeated: {dupes}")
         return self
+
+    @field_validator("ingress")
+    @classmethod
+    def _direct_needs_one_model(cls, value: str, info: ValidationInfo) -> str:
+        models = info.data.get("models") or []
+        if value == "direct" and len(models) != 1:
+            raise ValueError(f"'direct' serves exactly one model, the config has "
+                             f"{len(models)}; use 'routed'")
+        return value
 
     def load_api_keys(self) -> list[str]:
         keys = list(self.api_keys)

@@ -1,243 +1,30 @@
-"""The OpenAI-compatible ingress: validate, authenticate, route, frame.
+"""The routed ingress: one replica on the head in front of the engine deployments.
 
-It is the only place that speaks HTTP.  A request goes: parse + validate
-(``_parse``) -> internal ``GenerateRequest`` (``_to_generate``) -> engine stream
-with failover (``_engine_stream``) -> SSE chunks or one JSON body.  Errors the
-client caused are raised as ``APIError`` before anything is streamed, so they keep
-their 4xx status; an engine that dies mid-stream is retried on another replica,
-continuing from the text already sent.
+Used when a config serves several models, or when streams must survive an engine
+replica dying: the ingress retries on another replica, continuing from the text
+already sent.  The HTTP surface itself is ``serve_app.openai_server``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import time
-import uuid
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
-import orjson
-from fastapi import FastAPI, Request
-from pydantic import BaseModel, ValidationError
-from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response, StreamingResponse
 
-from serve_app.config import AppConfig
-from serve_app.engines.base import ENGINE_OPTIONS
 from serve_app.errors import APIError, as_engine_error
-from serve_app.framing import ResponseFramer
-from serve_app.openai_protocol import (
-    IGNORED_FIELDS,
-    ChatCompletionRequest,
-    CompletionRequest,
-)
-from serve_app.protocol import GenerateDelta, GenerateRequest, SamplingParams, Usage
+from serve_app.openai_server import OpenAIServer, openai_deployment
+from serve_app.protocol import GenerateDelta, GenerateRequest, Usage
 
 log = logging.getLogger("hpcserve.ingress")
-app = FastAPI(title="hpcserve", docs_url=None, redoc_url=None)
 
 
-@app.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> Response:
-    return exc.response()
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-    return APIError(exc.status_code, str(exc.detail)).response()
-
-
-@app.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception) -> Response:
-    log.exception("unexpected error in ingress")
-    return APIError(500, f"internal error: {type(exc).__name__}",
-                    type_="server_error").response()
-
-
-async def _prepend(first: list[GenerateDelta], rest: AsyncIterator[list[GenerateDelta]]):
-    """The stream with its already-awaited first item put back in front."""
-    if first:
-        yield first
-    async for item in rest:
-        yield item
-
-
-@serve.deployment(max_ongoing_requests=4096)
-@serve.ingress(app)
-class Ingress:
-    def __init__(self, config: dict, engines: dict[str, DeploymentHandle]):
-        self.config = AppConfig.model_validate(config)
-        self.models = {m.name: m for m in self.config.models}
+class RoutedIngress(OpenAIServer):
+    def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]):
+        super().__init__(config)
         self.engines = {name: h.options(stream=True) for name, h in engines.items()}
-        self.api_keys = [k.encode() for k in self.config.load_api_keys()]
-        self.created = int(time.time())
-
-    # ---- routes -----------------------------------------------------------
-    @app.get("/health")
-    async def health(self) -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json")
-
-    @app.get("/v1/models")
-    async def list_models(self, request: Request) -> Response:
-        self._authenticate(request)
-        data = [{"id": m.name, "object": "model", "created": self.created,
-                 "owned_by": "hpcserve", "engine": m.engine,
-                 "max_model_len": m.max_model_len} for m in self.config.models]
-        return Response(orjson.dumps({"object": "list", "data": data}),
-                        media_type="application/json")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        self._authenticate(request)
-        body = await self._parse(request, ChatCompletionRequest)
-        return await self._serve("chat", body)
-
-    @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        self._authenticate(request)
-        body = await self._parse(request, CompletionRequest)
-        return await self._serve("completion", body)
-
-    # ---- request handling -------------------------------------------------
-    def _authenticate(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(
-                hmac.compare_digest(token.strip().encode(), k) for k in self.api_keys):
-            raise APIError(401, "Incorrect or missing API key. Send 'Authorization: "
-                           "Bearer <key>'.", code="invalid_api_key")
-
-    async def _parse(self, request: Request, model: type[BaseModel]):
-        ctype = request.headers.get("content-type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise APIError(415, f"Content-Type must be application/json, got '{ctype}'.",
-                           code="unsupported_media_type")
-        limit = self.config.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"Request body exceeds {limit} bytes.", code="body_too_large")
-        raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > limit:
-                raise APIError(413, f"Request body exceeds {limit} bytes.",
-                               code="body_too_large")
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as err:
-            raise APIError(400, f"Invalid JSON body: {err}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-        try:
-            return model.model_validate(data)
-        except ValidationError as err:
-            raise APIError.from_validation(err) from None
-
-    def _to_generate(self, kind: str, body) -> GenerateRequest:
-        cfg = self.models.get(body.model)
-        if cfg is None:
-            raise APIError(404, f"The model '{body.model}' does not exist. Available: "
-                           f"{sorted(self.models)}.", param="model", code="model_not_found")
-        allowed = ENGINE_OPTIONS[cfg.engine]
-        if body.n != 1:
-            raise APIError(400, "Only n=1 is supported.", param="n",
-                           code="unsupported_parameter")
-        extras = {}
-        for name, value in body.extra_fields().items():
-            if name in IGNORED_FIELDS and name not in allowed:
-                continue  # harmless for engines without it (e.g. `user`)
-            if name not in allowed:
-                raise APIError(400, f"Unrecognized request argument supplied: {name}",
-                               param=name, code="unsupported_parameter")
-            extras[name] = value
-        for name in ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
-                     "echo", "suffix"):
-            value = getattr(body, name, None)
-            if value not in (None, False, 0) and name not in allowed:
-                raise APIError(400, f"'{name}' is not supported by the {cfg.engine} engine "
-                               f"serving '{body.model}'.", param=name,
-                               code="unsupported_parameter")
-            if value not in (None, False):
-                extras[name] = value
-        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        if cfg.max_model_len and max_tokens and max_tokens >= cfg.max_model_len:
-            raise APIError(400, f"max_tokens={max_tokens} exceeds the model's context "
-                           f"length {cfg.max_model_len}.", param="max_tokens",
-                           code="context_length_exceeded")
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                                  top_p=body.top_p, seed=body.seed, stop=body.stop or [],
-                                  ignore_eos=body.ignore_eos)
-        common = dict(request_id=uuid.uuid4().hex, model=body.model, sampling=sampling,
-                      extras=extras)
-        if kind == "chat":
-            return GenerateRequest(messages=body.messages, **common)
-        return GenerateRequest(prompt=body.prompt_text(), **common)
-
-    async def _serve(self, kind: str, body) -> Response:
-        req = self._to_generate(kind, body)
-        framer = ResponseFramer(kind, body.model)
-        stream = self._engine_stream(req)
-        try:
-            first = await anext(stream)  # errors before this point keep their 4xx
-        except StopAsyncIteration:
-            first = []
-        except APIError:
-            raise
-        except Exception as exc:
-            log.warning("engine for %s unavailable: %r", body.model, exc)
-            raise APIError(503, f"No engine replica for '{body.model}' could serve the "
-                           f"request ({type(exc).__name__}).", type_="server_error",
-                           code="engine_unavailable") from None
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(framer, first, stream, include_usage,
-                                               bool(req.extras.get("logprobs"))),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        text, finish, usage, entries = [], "stop", Usage(), []
-        async for deltas in _prepend(first, stream):
-            for delta in deltas:
-                text.append(delta.text)
-                if delta.extras:
-                    entries += delta.extras.get("logprobs") or ()
-                if delta.finish_reason:
-                    finish, usage = delta.finish_reason, delta.usage or usage
-        logprobs = framer.logprobs(entries) if req.extras.get("logprobs") else None
-        return Response(framer.whole("".join(text), finish, usage, logprobs),
-                        media_type="application/json")
-
-    async def _sse(self, framer: ResponseFramer, first: list[GenerateDelta],
-                   rest: AsyncIterator[list[GenerateDelta]], include_usage: bool,
-                   with_logprobs: bool):
-        yield framer.first_chunk()
-        finish, usage, offset = "stop", None, 0
-        try:
-            async for deltas in _prepend(first, rest):
-                text = "".join(d.text for d in deltas)
-                if with_logprobs:
-                    entries = [e for d in deltas for e in d.extras.get("logprobs") or ()]
-                    if text or entries:
-                        yield framer.chunk_with_logprobs(text, framer.logprobs(entries, offset))
-                    offset += len(text)
-                elif text:
-                    yield framer.text_chunk(text)
-                last = deltas[-1] if deltas else None
-                if last is not None and last.finish_reason:
-                    finish, usage = last.finish_reason, last.usage
-        except Exception as exc:  # mid-stream: the status is already sent
-            err = as_engine_error(exc)
-            api = APIError.from_engine(err) if err else APIError(
-                503, f"The engine failed mid-stream: {type(exc).__name__}",
-                type_="server_error", code="engine_unavailable")
-            yield framer.error_event(api.body())
-            return
-        yield framer.final_chunks(finish, usage, include_usage)
 
     async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         """Stream from an engine replica, failing over to another if it dies.
@@ -272,3 +59,6 @@ class Ingress:
                 sampling = req.sampling.model_copy(update={
                     "max_tokens": None if budget is None else max(1, budget - sent_tokens)})
                 req = req.model_copy(update={"continuation": sent_text, "sampling": sampling})
+
+
+Ingress = openai_deployment(RoutedIngress, name="Ingress", max_ongoing_requests=4096)

@@ -42,6 +42,10 @@ def test_embedded_default_is_valid():
     ({"applications": [{**APP, "args": {"models": [
         {"name": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 1}}]}}]},
      "applications.0.args.models.0.autoscaling"),
+    ({"applications": [{**APP, "args": {"ingress": "direct", "models": [
+        {"name": "m"}, {"name": "n"}]}}]}, "applications.0.args.ingress"),
+    ({"applications": [{**APP, "args": {"ingress": "proxy", "models": [{"name": "m"}]}}]},
+     "applications.0.args.ingress"),
     ({"applications": [{"name": "a"}]}, "applications.0.import_path"),
     ({"hpcserve": {}}, "applications"),
     ("applications: [unclosed", "not valid YAML"),

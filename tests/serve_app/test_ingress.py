@@ -1,5 +1,9 @@
 """The OpenAI surface end to end: real head, a local allocation, the ZMQ engine.
 
+Every test runs against both ingress modes: ``routed`` (an ingress replica on the
+head in front of the engine deployment) and ``direct`` (the engine replica answers
+HTTP itself, behind Serve's HAProxy).
+
 Clients are the official ``openai`` package and raw httpx (for malformed input
 the SDK would refuse to send).
 """
@@ -14,10 +18,11 @@ API_KEY = "test-key-123"
 MAX_BODY = 64 * 1024
 
 
-@pytest.fixture(scope="module")
-def stack(hpcserve_stack):
-    s = hpcserve_stack(args={"api_keys": [API_KEY], "max_request_bytes": MAX_BODY},
-                       name="ingress")
+@pytest.fixture(scope="module", params=["routed", "direct"])
+def stack(hpcserve_stack, request):
+    s = hpcserve_stack(args={"api_keys": [API_KEY], "max_request_bytes": MAX_BODY,
+                             "ingress": request.param}, name=f"ingress-{request.param}")
+    s.ingress_mode = request.param
     yield s
     s.down()
 
@@ -33,6 +38,16 @@ def _post(stack, path: str, body, *, headers=None, content=None):
 
 def test_up_reports_first_token_time(stack):
     assert "first token served" in stack.up_output
+
+
+def test_deployments_match_the_ingress_mode(stack):
+    """routed: an Ingress in front of the engine; direct: the engine alone."""
+    import json
+
+    status = json.loads(stack.cli("status", "--json").stdout)
+    deployments = set(status["applications"]["hpcserve"]["deployments"])
+    expected = {"Ingress", "engine-tiny"} if stack.ingress_mode == "routed" else {"engine-tiny"}
+    assert deployments == expected
 
 
 def test_list_models(stack):

@@ -71,7 +71,11 @@ class PoolConfig(_Strict):
 class ClusterConfig(_Strict):
     head: HeadConfig = Field(default_factory=HeadConfig)
     pools: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig(name="local")])
-    control_interval_s: float = Field(default=1.0, gt=0)
+    control_interval_s: float = Field(default=1.0, gt=0, description="control loop period "
+                                      "while any allocation starts, drains or nears rotation")
+    control_idle_interval_s: float = Field(
+        default=5.0, gt=0, description="period while every allocation is serving and far "
+        "from its rotation: the loop's Ray and Serve queries cost CPU the engines could use")
 
     @model_validator(mode="after")
     def _unique(self) -> "ClusterConfig":

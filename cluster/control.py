@@ -55,7 +55,8 @@ def run(run_dir: Path) -> None:
     store = StateStore(run_dir / "state.db")
     view = RayView(head)
     pools = build_pools(run_dir, head, store, view)
-    interval = load_config(run_dir / "config.yaml").cluster.control_interval_s
+    cluster = load_config(run_dir / "config.yaml").cluster
+    interval, idle_interval = cluster.control_interval_s, cluster.control_idle_interval_s
     stopping = False
 
     def _stop(*_):
@@ -80,7 +81,14 @@ def run(run_dir: Path) -> None:
             except Exception:
                 log.exception("pool %s tick failed", pool.config.name)
         (run_dir / "control.heartbeat").write_text(str(time.time()))
-        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        # Slow down while all is steady; the horizon keeps a rotation from being
+        # noticed up to one idle period late.
+        now = time.time()
+        period = idle_interval if all(p.steady(now, 2 * idle_interval) for p in pools) \
+            else interval
+        deadline = started + period
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
     log.info("control loop stopped")
 
 

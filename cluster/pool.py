@@ -133,6 +133,16 @@ class Pool:
         self._rotate(live, now)
         self._replace(now)
 
+    def steady(self, now: float, horizon_s: float) -> bool:
+        """Nothing for the loop to watch closely: every allocation serving, the pool
+        full, and no rotation or wall-time warning due within ``horizon_s``."""
+        live = self.live()
+        if len(live) < self.config.allocations or any(a.phase != SERVING for a in live):
+            return False
+        due = self.lead.seconds() + horizon_s
+        return all(a.end_time and now < a.end_time - max(due, self.config.warning_s + horizon_s)
+                   for a in live)
+
     def _refresh_jobs(self, live: list[Allocation], now: float) -> None:
         if not live:
             return

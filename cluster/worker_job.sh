@@ -79,12 +79,14 @@ for attempt in $(seq 1 "$attempts"); do
   eval "$("$PY" -m cluster.node_ports "$IP")" || { echo "hpcserve: cannot pick ports" >&2; exit 1; }
   echo "hpcserve[$HPCSERVE_ALLOCATION_ID]: joining $HPCSERVE_HEAD_ADDRESS as $IP (attempt $attempt), wall-time end $END" >&2
   started=$(date +%s)
+  # No log monitor here: it only streams logs to Ray drivers (hpcserve has none; logs
+  # stay in the node's files) and polls every 0.1 s on the engine's own cores.
   # shellcheck disable=SC2086
   "$RAY" start --address="$HPCSERVE_HEAD_ADDRESS" --block $NODE_ARGS \
     --num-cpus="${HPCSERVE_NUM_CPUS:-1}" --num-gpus="${HPCSERVE_NUM_GPUS:-0}" \
     --resources="$RESOURCES" \
     --labels="hpcserve-allocation=$HPCSERVE_ALLOCATION_ID,hpcserve-pool=$POOL,hpcserve-walltime-end=$END" \
-    --disable-usage-stats &
+    --include-log-monitor=False --disable-usage-stats &
   ray_pid=$!
   # `wait` returns early when a trapped signal arrives; keep waiting for Ray to finish draining.
   while kill -0 "$ray_pid" 2>/dev/null; do

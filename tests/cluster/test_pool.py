@@ -142,3 +142,30 @@ def test_lead_time_adapts_to_observations(tmp_path):
     assert lead.seconds() == 40 + 25 + 60 + 10
     store.observe("p", "startup_s", 200)  # the queue got slower: submit earlier
     assert lead.seconds() == 200 + 25 + 60 + 10
+
+
+def test_steady_only_while_all_serve_far_from_rotation(tmp_path, script):
+    """The control loop slows down only when nothing needs watching: every slot
+    serving and no rotation (lead time) or wall-time warning within the horizon."""
+    from cluster.ray_view import ALLOCATION_LABEL, NodeView
+    from cluster.state import SERVING
+
+    pool, provider, store = _pool(tmp_path, script, lead_time_s=120, warning_s=60)
+    try:
+        now = time.time()
+        assert not pool.steady(now, 10)  # empty pool: a submit is due
+        pool.tick(nodes=[])
+        assert _until(lambda: (pool.tick(nodes=[]), store.allocations()[0].phase == STARTING)[1])
+        assert not pool.steady(time.time(), 10)  # starting: watch it join
+        a = store.allocations()[0]
+        node = NodeView(node_id="n1", ip="127.0.0.1", alive=True, draining=False,
+                        labels={ALLOCATION_LABEL: a.id}, replicas=[{"state": "RUNNING"}])
+        pool.tick(nodes=[node])
+        a = store.allocations()[0]
+        assert a.phase == SERVING
+        assert pool.steady(time.time(), 10)
+        # Within lead time + horizon of the wall-time end: not steady any more.
+        assert not pool.steady(a.end_time - 120 - 5, 10)
+        assert pool.steady(a.end_time - 120 - 15, 10)
+    finally:
+        _cancel_all(provider, store)

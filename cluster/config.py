@@ -85,17 +85,23 @@ class ClusterConfig(_Strict):
         return self
 
 
+SERVE_BIND_HOST = "0.0.0.0"
+
+
 class HpcserveConfig:
     """The parsed file: ``cluster`` (validated) and ``serve`` (Serve's config dict)."""
 
     def __init__(self, cluster: ClusterConfig, serve: dict[str, Any], source: str):
         self.cluster = cluster
-        self.serve = serve
         self.source = source
-
-    @property
-    def http_host(self) -> str:
-        return self.serve.get("http_options", {}).get("host", "127.0.0.1")
+        http = dict(serve.get("http_options") or {})
+        self.http_host = str(http.get("host", "127.0.0.1"))
+        # Serve's HAProxy on the head sends requests to each ingress replica's own
+        # port on its node, and replicas bind `http_options.host`: anything but all
+        # interfaces leaves them unreachable at their node address, and every request
+        # silently takes the Python proxy fallback (an extra hop).  The configured
+        # host is the address clients are told to use.
+        self.serve = {**serve, "http_options": {**http, "host": SERVE_BIND_HOST}}
 
     @property
     def http_port(self) -> int:

@@ -16,7 +16,7 @@ from cluster.ports import free_port_range, free_ports
 
 def node_port_args(ip: str) -> tuple[list[str], dict[str, str]]:
     """(``ray start`` arguments, environment overrides) for a node at ``ip``."""
-    p = free_ports(8)
+    p = free_ports(10)
     lo, hi = free_port_range(200)
     args = [f"--node-ip-address={ip}", f"--node-manager-port={p[0]}",
             f"--object-manager-port={p[1]}", f"--dashboard-agent-listen-port={p[2]}",
@@ -25,6 +25,9 @@ def node_port_args(ip: str) -> tuple[list[str], dict[str, str]]:
             f"--max-worker-port={lo + 149}"]
     env = {"RAY_SERVE_HAPROXY_METRICS_PORT": str(p[6]),
            "RAY_SERVE_HAPROXY_STATS_PORT": str(p[7]),
+           # the Python proxy HAProxy falls back to when no ingress replica is up
+           "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(p[8]),
+           "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(p[9]),
            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(lo + 150),
            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(lo + 174),
            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(lo + 175),

@@ -50,6 +50,25 @@ def test_deployments_match_the_ingress_mode(stack):
     assert deployments == expected
 
 
+def test_haproxy_sends_requests_to_the_ingress_replica(stack):
+    """Not to Serve's Python proxy, which HAProxy falls back to (one hop more) when
+    it cannot reach an ingress replica at its node address."""
+    import csv
+    import io
+
+    for _ in range(3):
+        stack.client().completions.create(model="tiny", prompt="hi", max_tokens=2)
+    port = stack.head.env["RAY_SERVE_HAPROXY_STATS_PORT"]
+    text = httpx.get(f"http://127.0.0.1:{port}/stats;csv", timeout=10).text
+    rows = list(csv.DictReader(io.StringIO(text.lstrip("# "))))
+    servers = [r for r in rows if r["pxname"] == "http-hpcserve" and r["svname"] != "BACKEND"]
+    replicas = [r for r in servers if r["svname"].startswith("SERVE_REPLICA")]
+    fallback = [r for r in servers if "PROXY" in r["svname"]]
+    assert replicas and all(r["status"] == "UP" for r in replicas), servers
+    assert sum(int(r["stot"]) for r in replicas) >= 3
+    assert sum(int(r["stot"]) for r in fallback) == 0, fallback
+
+
 def test_list_models(stack):
     models = stack.client().models.list()
     assert [m.id for m in models.data] == ["tiny"]

@@ -7,8 +7,10 @@ once per request and only the text is encoded per chunk.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Literal
 
 import orjson
@@ -17,6 +19,7 @@ from serve_app.protocol import Usage
 
 Kind = Literal["chat", "completion"]
 DONE = b"data: [DONE]\n\n"
+_SSE_EOL = re.compile(rb"\r\n|\r|\n")
 
 
 def usage_dict(usage: Usage) -> dict[str, int]:
@@ -111,3 +114,19 @@ class ResponseFramer:
         choice = {"index": 0, "text": text, "logprobs": logprobs,
                   "finish_reason": finish_reason}
         return orjson.dumps({**base, "object": "text_completion", "choices": [choice]})
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The lines of an event stream.  SSE ends lines only at CR, LF or CRLF; httpx's
+    ``aiter_lines`` also splits at U+2028, U+0085, form feed..., which JSON leaves
+    raw inside strings, so a chunk with such a token would be cut in two.  Splitting
+    bytes is safe: no UTF-8 multi-byte sequence contains CR or LF."""
+    buf = b""
+    async for chunk in chunks:
+        buf += chunk
+        parts = _SSE_EOL.split(buf)
+        buf = parts.pop()  # (a CRLF split across chunks yields one extra empty line: harmless)
+        for part in parts:
+            yield part.decode("utf-8", errors="replace")
+    if buf:
+        yield buf.decode("utf-8", errors="replace")

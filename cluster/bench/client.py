@@ -22,6 +22,7 @@ import httpx
 import orjson
 
 from cluster.bench.workload import RequestSpec
+from serve_app.framing import sse_lines
 
 Mode = Literal["chat", "completions"]
 
@@ -181,7 +182,7 @@ async def stream_request(
             if resp.status_code >= 400:
                 body = (await resp.aread()).decode(errors="replace")
                 return _fail(res, HTTP_ERROR.format(status=resp.status_code), body, t0)
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp.aiter_bytes()):
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()

@@ -49,6 +49,7 @@ from serve_app.engines.triton_requests import (
     render_request_prompt,
     sampling_values,
 )
+from serve_app.framing import sse_lines
 from serve_app.protocol import EngineError, GenerateDelta, GenerateRequest, Usage
 
 log = logging.getLogger("hpcserve.engines.triton")
@@ -208,7 +209,7 @@ class TritonEngine:
                 if not self.args.stream:
                     yield self._decode_json(json.loads(await reply.aread()))
                     return
-                async for line in reply.aiter_lines():
+                async for line in sse_lines(reply.aiter_bytes()):
                     if line.startswith("data:"):
                         yield self._decode_json(json.loads(line[5:]))
         except httpx.HTTPError as exc:

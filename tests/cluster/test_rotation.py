@@ -1,5 +1,10 @@
 """Allocations rotate under load: successors start before wall-times end, old
-nodes are drained, and streaming clients never see a failure."""
+nodes are drained, and streaming clients never see a failure.
+
+Both ingress modes: ``routed`` (the head's ingress could also retry a failed
+stream) and ``direct`` (HAProxy sends streams straight to the engine replica, so
+nothing but Serve's drain -- deregister first, then let streams finish -- keeps
+them whole)."""
 
 from __future__ import annotations
 
@@ -16,10 +21,10 @@ WALLTIME_S = 150
 ROTATIONS = 2
 
 
-@pytest.fixture(scope="module")
-def stack(hpcserve_stack):
+@pytest.fixture(scope="module", params=["routed", "direct"])
+def stack(hpcserve_stack, request):
     s = hpcserve_stack(
-        name="rotation",
+        name=f"rotation-{request.param}", args={"ingress": request.param},
         pool={"walltime_s": WALLTIME_S, "lead_time_s": 100, "lead_time_margin_s": 15,
               "warning_s": 15, "drain_deadline_s": 60},
         models=[{"name": "tiny", "engine": "zmq", "max_model_len": 2048,

@@ -30,6 +30,7 @@ class FakeConfig:
     chunk_delay: float = 0.005
     period: int = 10
     faults: dict[int, str] = field(default_factory=dict)  # n % period -> "500" | "400" | "break" | "sse_error"
+    token_text: str = "tok "
 
 
 def _sse(obj: Any) -> bytes:
@@ -114,7 +115,7 @@ class FakeOpenAI:
                     yield _sse({"error": {"message": "injected engine failure", "type": "internal", "code": 500}})
                     yield b"data: [DONE]\n\n"
                     return
-                yield chunk("tok " * cfg.tokens_per_chunk)
+                yield chunk(cfg.token_text * cfg.tokens_per_chunk)
             yield chunk("", finish="length")
             if include_usage:
                 total = cfg.chunks * cfg.tokens_per_chunk

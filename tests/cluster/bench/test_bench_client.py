@@ -42,6 +42,15 @@ def test_timings_respect_injected_delays_and_usage_counts(fake_server: Callable[
     assert body["messages"] == [{"role": "user", "content": "hello there"}]
 
 
+def test_sse_lines_end_only_at_cr_or_lf(fake_server: Callable[..., Any]) -> None:
+    """JSON leaves U+2028, U+0085, form feed etc. raw in strings; they are not SSE line
+    ends (str.splitlines, and so httpx's aiter_lines, treat them as such)."""
+    srv = fake_server(chunks=4, token_text="a\u2028b\x85c\x0cd\x1ce ")
+    r = _one(srv.url)
+    assert r.ok, r.detail
+    assert r.chunks == 4
+
+
 def test_without_usage_tokens_are_chunks(fake_server: Callable[..., Any]) -> None:
     srv = fake_server(chunks=5, tokens_per_chunk=3, first_delay=0.01, chunk_delay=0.005)
     r = _one(srv.url, include_usage=False)

@@ -40,9 +40,10 @@ class Served:
         return self.probe.stats()
 
 
-@pytest.fixture(scope="module")
-def hp(hpcserve_stack, bare_vllm, vllm_model_entry, stats_probe):
-    """hpcserve (`hpcserve up`) with one vLLM replica on the bare server's model.
+@pytest.fixture(scope="module", params=["routed", "direct"])
+def hp(hpcserve_stack, bare_vllm, vllm_model_entry, stats_probe, request):
+    """hpcserve (`hpcserve up`) with one vLLM replica on the bare server's model,
+    behind the routed ingress or answering HTTP itself (``ingress: direct``).
 
     Started after the bare server is ready, not alongside it: on 2 cores two engine
     starts at once made `hpcserve up`'s own dashboard calls time out.
@@ -50,15 +51,16 @@ def hp(hpcserve_stack, bare_vllm, vllm_model_entry, stats_probe):
     config = yaml.safe_load(CONFIG.read_text())
     config["hpcserve"]["pools"][0]["num_cpus"] = 2
     config["applications"][0]["args"]["models"] = [vllm_model_entry]
+    config["applications"][0]["args"]["ingress"] = request.param
     t0 = time.monotonic()
-    stack = hpcserve_stack(yaml.safe_dump(config), name="vllm")
+    stack = hpcserve_stack(yaml.safe_dump(config), name=f"vllm-{request.param}")
     print(f"hpcserve up with a vLLM replica: {time.monotonic() - t0:.1f}s")
     probe = stats_probe(stack.head, "engine-tiny")
     try:
         yield Served(stack.base_url, probe)
     finally:
         probe.close()
-        stack.down()
+        stack.down()  # one vLLM replica at a time on this machine
 
 
 @pytest.fixture(scope="module")

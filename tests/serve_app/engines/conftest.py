@@ -26,7 +26,7 @@ import pytest
 
 from cluster.ports import free_port
 
-MAX_MODEL_LEN = 1024
+MAX_MODEL_LEN = 2048  # the tiny model's limit: long streams for the disconnect test
 KV_CACHE_BYTES = 64 * 1024 * 1024
 START_TIMEOUT_S = 240
 

@@ -1,7 +1,7 @@
 """VLLMEngine end to end: parity with bare vLLM, disconnects, vLLM's own 400s.
 
 One bare vLLM server and one hpcserve stack with a vLLM replica serve the same tiny
-model (eager, 1024 context, 64 MiB KV cache) for the whole module, started one after
+model (eager, 2048 context, 64 MiB KV cache) for the whole module, started one after
 the other.  Requests are sent one at a time so both engines see the same batches.
 """
 
@@ -149,7 +149,7 @@ def test_client_disconnect_aborts_request_in_engine(hp):
     not finished), and the engine holds nothing afterwards.
 
     Each attempt closes the connection as soon as the first event arrives.  The
-    tiny model finishes 1000 tokens in ~1.5 s, and on 2 cores vLLM's busy-polling
+    tiny model finishes 2000 tokens in ~3 s, and on 2 cores vLLM's busy-polling
     EngineCore can starve the replica's output handling that long, so the first
     event may only arrive once the request is done (then there is nothing left to
     abort), and the disconnect itself can arrive after the last token.  So: up to 10
@@ -157,7 +157,7 @@ def test_client_disconnect_aborts_request_in_engine(hp):
     least one must have been aborted -- which never happens if disconnects do not
     reach the engine.
     """
-    body = {"model": "tiny", "prompt": "stream a long answer", "max_tokens": 1000,
+    body = {"model": "tiny", "prompt": "stream a long answer", "max_tokens": 2000,
             "ignore_eos": True, "temperature": 0.0, "stream": True}
     before = _wait_idle(hp)  # also warms the probe so later calls are fast
     stats, seen = before, []
@@ -182,7 +182,7 @@ def test_client_disconnect_aborts_request_in_engine(hp):
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 def test_prompt_too_long_is_a_400_with_openai_error_shape(clients, kind):
     bare, ours = clients
-    long_text = "hello model token " * 700  # > 1024 tokens
+    long_text = "hello model token " * 1400  # > 2048 tokens
     for client in (bare, ours):
         with pytest.raises(openai.BadRequestError) as info:
             if kind == "chat":

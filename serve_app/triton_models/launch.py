@@ -58,6 +58,10 @@ if alive(server):
     if alive(server):
         os.kill(server, signal.SIGKILL)
     time.sleep(0.5)
+try:  # the server's backend stubs (its process group) outlive a server that died hard
+    os.killpg(server, signal.SIGKILL)
+except OSError:
+    pass
 for path in glob.glob("/dev/shm/" + glob.escape(prefix) + "*"):
     try:
         os.unlink(path)

@@ -95,10 +95,10 @@ def triton(hpcserve_stack, tiny_model_dir: Path, stub_env, tmp_path_factory):
     stack.repo = repo
     yield stack
     stack.down()
-    leftovers = _servers(repo)
+    leftovers = _servers(repo, stubs=True)
     for pid in leftovers:  # should be none: report, but never leave them running
         os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"tritonserver still running after down: {leftovers}"
+    assert not leftovers, f"tritonserver or its stubs still running after down: {leftovers}"
     assert not _stale_shm(), "Triton /dev/shm segments left behind"
 
 
@@ -125,8 +125,9 @@ def reference(tiny_model_dir: Path):
     return generate
 
 
-def _servers(repo: Path) -> list[int]:
-    """PIDs of tritonserver processes serving exactly this test's repository."""
+def _servers(repo: Path, stubs: bool = False) -> list[int]:
+    """PIDs of tritonserver processes serving exactly this test's repository (with
+    ``stubs``: also their Python backend stubs, which name the repository too)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -134,7 +135,11 @@ def _servers(repo: Path) -> list[int]:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if argv[0].endswith(b"tritonserver") and str(repo).encode() in argv and state != "Z":
+        ours = argv[0].endswith(b"tritonserver") and str(repo).encode() in argv
+        if stubs:
+            ours = ours or (argv[0].endswith(b"triton_python_backend_stub")
+                            and any(str(repo).encode() in a for a in argv))
+        if ours and state != "Z":
             pids.append(int(pid))
     return pids
 

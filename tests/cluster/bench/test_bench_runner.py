@@ -58,6 +58,15 @@ def test_concurrency_step_by_duration(fake_server: Callable[..., Any]) -> None:
     assert srv.peak <= 2
 
 
+def test_users_keep_their_connections(fake_server: Callable[..., Any]) -> None:
+    """A finished stream returns its connection to the pool: a new TCP connection per
+    request would add connection setup to every measured request."""
+    srv = fake_server(chunks=4, first_delay=0.005, chunk_delay=0.001)
+    run = _run([Target("s", srv.url, "m")], steps=[Step("concurrency", 2)], requests=30, warmup=1)
+    assert all(r.ok for r in run.blocks[0].results)
+    assert srv.count == 31 and len(srv.connections) <= 3, srv.connections
+
+
 def test_qps_arrivals_follow_the_poisson_schedule(fake_server: Callable[..., Any]) -> None:
     srv = fake_server(chunks=2, first_delay=0.005, chunk_delay=0.001)
     cfg = dict(steps=[Step("qps", 20.0)], requests=30, seed=5)

@@ -84,7 +84,8 @@ def split_engine_args(model_name: str, engine_args: dict[str, Any]
                 vllm_kwargs.setdefault(key, value)
     vllm_kwargs.setdefault("served_model_name", model_name)
     vllm_kwargs.setdefault("disable_log_stats", True)  # see stat_loggers()
-    if not isinstance(serving.get("engine_metrics", True), bool):
+    serving.setdefault("engine_metrics", True)
+    if not isinstance(serving["engine_metrics"], bool):
         raise ValueError(f"models[{model_name}].engine_args.engine_metrics: must be true or "
                          f"false, got {serving['engine_metrics']!r}")
     return vllm_kwargs, serving
@@ -143,7 +144,7 @@ class VLLMEngine:
             if key in serving.get("env", {}) or key not in os.environ:
                 os.environ[key] = str(value)
         self.engine = start_engine(AsyncEngineArgs(**vllm_kwargs), model_name,
-                                   stat_loggers(serving.get("engine_metrics", True)))
+                                   stat_loggers(serving["engine_metrics"]))
         atexit.register(self._shutdown)  # a replica that exits without __del__
         mc = self.engine.model_config
         self._get_max_tokens = get_max_tokens

@@ -242,32 +242,38 @@ def test_logprobs_match_bare_vllm(clients):
     assert o.choices[0].logprobs.text_offset[0] == 0
 
 
-def _exported(head, metric: str, model: str = "tiny") -> float:
-    """``metric`` summed over every node Ray's Prometheus file_sd lists, as a
+def _exported(head, metric: str, model: str = "tiny") -> dict[str, float]:
+    """``metric`` per node (``host:port``) of Ray's Prometheus file_sd list, as a
     Prometheus server configured from it would see it."""
     groups = json.loads(head.prometheus_file_sd.read_text())
     pattern = re.compile(rf'^{metric}{{[^}}]*model_name="{model}"[^}}]*}} (\S+)$', re.M)
-    total = 0.0
+    values = {}
     for target in (t for group in groups for t in group["targets"]):
         try:
             text = httpx.get(f"http://{target}/metrics", timeout=10).text
         except httpx.HTTPError:
             continue  # a node that just left
-        total += sum(float(v) for v in pattern.findall(text))
-    return total
+        values[target] = sum(float(v) for v in pattern.findall(text))
+    return values
 
 
 def test_engine_metrics_reach_prometheus_from_the_worker_node(hp):
     """vLLM's engine metrics, exported through Ray from the replica's worker node,
     count the tokens of requests sent now (Ray exports every few seconds)."""
     metric = "ray_vllm_generation_tokens_total"
+    head_target = f"{hp.head.node_ip}:{hp.head.metrics_port}"
     before = _exported(hp.head, metric)
     body = {"model": "tiny", "prompt": "count me", "max_tokens": 25, "ignore_eos": True}
     for _ in range(2):
         r = httpx.post(f"{hp.base_url}/completions", json=body, timeout=120)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 25
-    deadline, after = time.monotonic() + 120, before
-    while after < before + 50 and time.monotonic() < deadline:
+
+    def grown() -> list[str]:
+        now = _exported(hp.head, metric)
+        return [t for t, v in now.items() if v >= before.get(t, 0.0) + 50]
+
+    deadline, nodes = time.monotonic() + 120, []
+    while not nodes and time.monotonic() < deadline:
         time.sleep(2)
-        after = _exported(hp.head, metric)
-    assert after >= before + 50, (before, after)
+        nodes = grown()
+    assert nodes and head_target not in nodes, (before, _exported(hp.head, metric))

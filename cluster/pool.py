@@ -43,15 +43,18 @@ Drainer = Callable[[str, float, str], tuple[bool, str]]
 
 
 class LeadTime:
-    """How long before a wall-time end the successor must be submitted.
+    """How long before a wall-time end to submit the successor, and to drain.
 
     The successor must have joined *and* taken over (Serve starts the replacement
-    replicas on it while the old node drains) before the job's own early warning
-    at ``end - warning_s``.  So: worst recent (submit -> node joined) + worst recent
-    (drain -> successor serving) + warning + margin.  Until both have been observed
-    the configured ``lead_time_s`` holds; a queue that gets slower pushes
-    submissions earlier on the next rotation.
+    replicas on it while the old node drains) before the old node must drain.  So:
+    worst recent (submit -> node joined) + worst recent (drain -> successor serving)
+    + drain lead + margin.  A few quick rotations are no proof that the next queue
+    will be quick too: until ``TRUST_AFTER`` rotations were seen the observations
+    may only lengthen the configured ``lead_time_s``, never shorten it.  A queue
+    that gets slower pushes submissions earlier on the next rotation.
     """
+
+    TRUST_AFTER = 3
 
     def __init__(self, pool: PoolConfig, store: StateStore):
         self.pool, self.store = pool, store
@@ -61,9 +64,22 @@ class LeadTime:
         handover = self.store.observations(self.pool.name, "handover_s")
         if not startup or not handover:
             return self.pool.lead_time_s
-        lead = (max(startup) + max(handover) + self.pool.warning_s
+        lead = (max(startup) + max(handover) + self.drain_seconds()
                 + self.pool.lead_time_margin_s)
+        if min(len(startup), len(handover)) < self.TRUST_AFTER:
+            lead = max(lead, self.pool.lead_time_s)
         return min(lead, self.pool.walltime_s * 0.8)
+
+    def drain_seconds(self) -> float:
+        """How long before the wall-time end a drain must start to end in time.
+
+        The scheduler kills the job at its wall-time, drained or not, so a node whose
+        drains were seen to take longer than ``warning_s`` drains that much earlier.
+        """
+        released = self.store.observations(self.pool.name, "release_s")
+        if not released:
+            return self.pool.warning_s
+        return max(self.pool.warning_s, max(released) + self.pool.lead_time_margin_s)
 
 
 class Pool:
@@ -139,8 +155,8 @@ class Pool:
         live = self.live()
         if len(live) < self.config.allocations or any(a.phase != SERVING for a in live):
             return False
-        due = self.lead.seconds() + horizon_s
-        return all(a.end_time and now < a.end_time - max(due, self.config.warning_s + horizon_s)
+        due = max(self.lead.seconds(), self.lead.drain_seconds()) + horizon_s
+        return all(a.end_time and now < a.end_time - due
                    for a in live)
 
     def _refresh_jobs(self, live: list[Allocation], now: float) -> None:
@@ -199,18 +215,21 @@ class Pool:
     def _handover(self, live: list[Allocation], nodes: list[NodeView], now: float) -> None:
         by_id = {a.id: a for a in live}
         alive = {n.allocation: n for n in nodes if n.alive}
+        drain_lead = self.lead.drain_seconds()
         for a in live:
             succ = by_id.get(a.successor)
             if a.phase in (STARTING, SERVING) and succ is not None and succ.joined_time:
                 self._drain(a, alive.get(a.id), now, f"successor {succ.id} joined")
             elif a.phase in (STARTING, SERVING) and a.end_time and \
-                    now >= a.end_time - self.config.warning_s and a.id in alive:
+                    now >= a.end_time - drain_lead and a.id in alive:
                 self._drain(a, alive.get(a.id), now, "wall-time end near, successor not joined")
             elif a.phase == DRAINING:
                 node = alive.get(a.id)
                 gone = node is None or not node.replicas
                 overdue = now > a.drain_time + self.config.drain_deadline_s + 10
                 if gone or overdue:
+                    if gone:
+                        self.store.observe(self.config.name, "release_s", now - a.drain_time)
                     self._cancel(a)
                     self._finish(a, RETIRED, now, "drained, job released early"
                                  if gone else "drain deadline passed, job cancelled")

@@ -139,9 +139,44 @@ def test_lead_time_adapts_to_observations(tmp_path):
     store.observe("p", "startup_s", 40)
     assert lead.seconds() == 300  # a start-up alone says nothing about hand-over
     store.observe("p", "handover_s", 25)
-    assert lead.seconds() == 40 + 25 + 60 + 10
-    store.observe("p", "startup_s", 200)  # the queue got slower: submit earlier
-    assert lead.seconds() == 200 + 25 + 60 + 10
+    assert lead.seconds() == 300  # one quick rotation does not shorten it ...
+    store.observe("p", "startup_s", 350)
+    assert lead.seconds() == 350 + 25 + 60 + 10  # ... but a slow queue lengthens it
+    for _ in range(2):
+        store.observe("p", "startup_s", 40)
+        store.observe("p", "handover_s", 25)
+    assert lead.seconds() == 350 + 25 + 60 + 10  # the worst of the recent ones
+    for _ in range(3):
+        store.observe("p", "startup_s", 40)
+    assert lead.seconds() == 40 + 25 + 60 + 10  # trusted, and the slow one is old
+    store.observe("p", "release_s", 80)  # drains take longer than the warning
+    assert lead.drain_seconds() == 80 + 10
+    assert lead.seconds() == 40 + 25 + 90 + 10
+
+
+def test_drains_early_enough_for_the_drain_to_end_before_the_wall_time(tmp_path, script):
+    """A real scheduler kills the job at its wall-time: when drains were seen to take
+    longer than the warning, a node whose successor is late drains that much earlier."""
+    from cluster.ray_view import ALLOCATION_LABEL, NodeView
+    from cluster.state import DRAINING, SERVING
+
+    pool, provider, store = _pool(tmp_path, script, lead_time_s=0, warning_s=15,
+                                  lead_time_margin_s=10)
+    try:
+        pool.tick(nodes=[])
+        assert _until(lambda: (pool.tick(nodes=[]), store.allocations()[0].phase == STARTING)[1])
+        a = store.allocations()[0]
+        node = NodeView(node_id="n1", ip="127.0.0.1", alive=True, draining=False,
+                        labels={ALLOCATION_LABEL: a.id}, replicas=[{"state": "RUNNING"}])
+        pool.tick(nodes=[node])
+        assert store.allocations()[0].phase == SERVING
+        pool.tick(nodes=[node], now=a.end_time - 30)
+        assert store.allocations()[0].phase == SERVING  # warning_s=15 not reached yet
+        store.observe("p", "release_s", 40)
+        pool.tick(nodes=[node], now=a.end_time - 49)
+        assert store.allocations()[0].phase == DRAINING  # 40 s drain + 10 s margin
+    finally:
+        _cancel_all(provider, store)
 
 
 def test_steady_only_while_all_serve_far_from_rotation(tmp_path, script):

@@ -11,10 +11,7 @@ generated batch script (readable by the user and the centre's admins).  Use a
 token for this deployment only and rotate it, or set ``send_token=False`` and
 register a template that exports RAY_AUTH_TOKEN_PATH to a 0600 file instead.
 
-- Session codes expire (HEAppE: 401 "Session Code Authentication Problem"):
-  a call re-authenticates once and retries.
-- Each HTTP call has (connect, read) timeouts and at most one reconnect: a down
-  or hung HEAppE is a ProviderError within seconds, never a stuck loop.
+- Sessions, timeouts and error mapping: ``heappe_session``.
 - HEAppE has no TIMEOUT state: a job that Failed at its wall-time end is
   TIMEOUT, so the pool does not count a normal end as a failure.
 - The job name ends with the wall-time (``.w3600``) so a restarted head that
@@ -23,19 +20,13 @@ register a template that exports RAY_AUTH_TOKEN_PATH to a 0600 file instead.
 
 from __future__ import annotations
 
-import os
 import re
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import pydantic
-import urllib3
 from py4heappe.heappe_v6 import core as hp
-from py4heappe.heappe_v6.core import exceptions as hpx
 
 from cluster.providers.base import (
     JobInfo,
@@ -46,7 +37,13 @@ from cluster.providers.base import (
 )
 
 # Re-exported: docs/heappe.md and the tests import these from here.
-from cluster.providers.heappe_template import (  # noqa: F401  # noqa: F401
+from cluster.providers.heappe_session import (  # noqa: F401
+    HeappeAuthError,
+    HeappeNotFound,
+    HeappeRejected,
+    HeappeSession,
+)
+from cluster.providers.heappe_template import (  # noqa: F401
     SAFE_VALUE,
     TEMPLATE_PARAMETERS,
     TOKEN_PARAMETER,
@@ -57,7 +54,6 @@ from cluster.providers.heappe_template import (  # noqa: F401  # noqa: F401
     unsafe_template_value,
 )
 
-T = TypeVar("T")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _WALLTIME_IN_NAME = re.compile(r"\.w(\d+)$")
 TIMEOUT_SLACK_S = 90.0   # a Failed job that ended this close to its wall-time end timed out
@@ -68,23 +64,6 @@ _STATE_MAP: dict[int, JobState] = {
     1: JobState.PENDING, 2: JobState.PENDING, 4: JobState.PENDING, 128: JobState.PENDING,
     8: JobState.RUNNING, 16: JobState.COMPLETED, 32: JobState.FAILED, 64: JobState.CANCELLED,
     256: JobState.UNKNOWN}
-
-
-class HeappeRejected(ProviderError):
-    """HEAppE refused the request itself (ids, limits, template): retrying cannot help."""
-    retryable = False
-
-
-class HeappeAuthError(HeappeRejected):
-    """HEAppE refused our credentials (not merely an expired session code)."""
-
-
-class HeappeNotFound(HeappeRejected):
-    """HEAppE does not know the job (or task) id."""
-
-
-class _SessionExpired(Exception):
-    pass
 
 
 @dataclass
@@ -162,21 +141,14 @@ class HeappeProvider(Provider):
         if config is not None and options:
             raise TypeError("pass either a HeappeConfig or keyword options, not both")
         self.config = config if config is not None else HeappeConfig.from_options(options)
-        c = self.config
-        conf = hp.Configuration(host=c.base_url.rstrip("/"))
-        conf.verify_ssl = c.verify_ssl
-        conf.ssl_ca_cert = c.ssl_ca_cert
-        # One immediate reconnect; never re-send a request that reached the server.
-        conf.retries = urllib3.Retry(total=1, connect=1, read=0, status=0, redirect=0, other=0)
-        self._client = hp.ApiClient(conf)
-        self._jobs = hp.JobManagementApi(self._client)
-        self._users = hp.UserAndLimitationManagementApi(self._client)
-        self._timeout = (float(c.connect_timeout_s), float(c.request_timeout_s))
-        self._lock = threading.Lock()
-        self._session: str | None = None
+        self.session = HeappeSession(self.config)
         self._walltimes: dict[str, int] = {}
         self._nodes: dict[str, str] = {}
-        self.authentications = 0       # how many session codes we obtained (observability)
+
+    @property
+    def authentications(self) -> int:
+        """How many session codes were obtained (observability)."""
+        return self.session.authentications
 
     # ---- the Provider interface -------------------------------------------------
 
@@ -197,12 +169,12 @@ class HeappeProvider(Provider):
             name=self.job_name(spec), project_id=c.project_id, sub_project_identifier=c.sub_project,
             cluster_id=c.cluster_id, file_transfer_method_id=c.file_transfer_method_id,
             tasks=[task])
-        created = self._jm("create_job_post", hp.CreateJobByProjectModel, job_specification=job)
+        created = self.session.jm("create_job_post", hp.CreateJobByProjectModel, job_specification=job)
         if created is None or created.id is None:
             raise ProviderError("CreateJob answered without a job id")
         job_id = str(created.id)
         try:
-            self._jm("submit_job_put", hp.SubmitJobModel, created_job_info_id=created.id)
+            self.session.jm("submit_job_put", hp.SubmitJobModel, created_job_info_id=created.id)
         except ProviderError as exc:
             self._recover_submit(job_id, exc)
         self._walltimes[job_id] = int(spec.walltime_s)
@@ -215,7 +187,7 @@ class HeappeProvider(Provider):
                 result[job_id] = JobInfo(job_id, JobState.UNKNOWN, reason="not a HEAppE job id")
                 continue
             try:
-                info = self._jm("current_info_for_job_get", submitted_job_info_id=int(job_id))
+                info = self.session.jm("current_info_for_job_get", submitted_job_info_id=int(job_id))
             except HeappeRejected as exc:
                 if isinstance(exc, HeappeAuthError):
                     raise
@@ -228,7 +200,7 @@ class HeappeProvider(Provider):
         if not str(job_id).isdigit():
             return
         try:
-            self._jm("cancel_job_put", hp.CancelJobModel, submitted_job_info_id=int(job_id))
+            self.session.jm("cancel_job_put", hp.CancelJobModel, submitted_job_info_id=int(job_id))
         except HeappeRejected as exc:
             if isinstance(exc, HeappeAuthError):
                 raise
@@ -268,14 +240,14 @@ class HeappeProvider(Provider):
     def _recover_submit(self, job_id: str, exc: ProviderError) -> None:
         """SubmitJob failed: keep the job if HEAppE did submit it, else delete the draft."""
         try:
-            state = self._jm("current_info_for_job_get", submitted_job_info_id=int(job_id)).state
+            state = self.session.jm("current_info_for_job_get", submitted_job_info_id=int(job_id)).state
         except ProviderError as poll_exc:
             raise ProviderError(f"SubmitJob for HEAppE job {job_id} failed ({exc}); its state is "
                                 f"unknown ({poll_exc}); a never-submitted draft does not run") from exc
         if state is not None and int(state) != 1:
             return        # the submit reached HEAppE; only its answer was lost
         try:
-            self._jm("delete_job_delete", hp.DeleteJobModel, submitted_job_info_id=int(job_id))
+            self.session.jm("delete_job_delete", hp.DeleteJobModel, submitted_job_info_id=int(job_id))
         except ProviderError:
             pass          # best effort: a draft in Configuring never runs
         raise exc
@@ -305,100 +277,13 @@ class HeappeProvider(Provider):
 
     def _node_of(self, job_id: str, task_id: int) -> str | None:
         try:
-            ips = self._jm("allocated_nodes_ips_get", submitted_task_info_id=task_id)
+            ips = self.session.jm("allocated_nodes_ips_get", submitted_task_info_id=task_id)
         except HeappeRejected:
             return None
         if ips:
             self._nodes[job_id] = str(ips[0])
             return str(ips[0])
         return None
-
-    # ---- calls, sessions and errors -------------------------------------------------
-
-    def _jm(self, op: str, model: Callable[..., Any] | None = None, **values: Any) -> Any:
-        """One JobManagement call: the session code goes into the body model or the query."""
-        method = getattr(self._jobs, f"heappe_job_management_{op}")
-        what = "".join(w.title() for w in op.split("_")[:-1])
-        if model is None:
-            return self._call(what, lambda s: method(session_code=s, **values,
-                                                     _request_timeout=self._timeout))
-        return self._call(what, lambda s: method(model(session_code=s, **values),
-                                                 _request_timeout=self._timeout))
-
-    def _call(self, what: str, fn: Callable[[str], T]) -> T:
-        """Run one API call with a session code; re-authenticate once if it expired."""
-        session = self._session or self._authenticate(stale=None)
-        try:
-            return self._guard(what, lambda: fn(session))
-        except _SessionExpired:
-            session = self._authenticate(stale=session)
-        try:
-            return self._guard(what, lambda: fn(session))
-        except _SessionExpired as exc:
-            raise HeappeAuthError(f"{what}: HEAppE refused a fresh session code: {exc}") from exc
-
-    def _authenticate(self, stale: str | None) -> str:
-        with self._lock:
-            if self._session is not None and self._session != stale:
-                return self._session      # another thread renewed it meanwhile
-            c = self.config
-            if c.username and (c.password is not None or c.password_env):
-                what, model = "AuthenticateUserPassword", hp.AuthenticateUserPasswordModel(
-                    credentials=hp.PasswordCredentialsExt(username=c.username, password=self._secret(
-                        c.password, c.password_env, None)))
-            else:
-                kind = "LexisToken" if c.token_kind == "lexis" else "UserOpenId"
-                creds = (hp.LexisCredentialsExt if kind == "LexisToken" else hp.OpenIdCredentialsExt)(
-                    username=c.username, open_id_access_token=self._secret(
-                        c.access_token, c.access_token_env, c.access_token_file))
-                what = f"Authenticate{kind}"
-                model = getattr(hp, f"Authenticate{kind}Model")(credentials=creds)
-            snake = re.sub(r"(?<!^)(?=[A-Z])", "_", what).lower()
-            method = getattr(self._users, f"heappe_user_and_limitation_management_{snake}_post")
-            try:
-                code = self._guard(what, lambda: method(model, _request_timeout=self._timeout))
-            except (_SessionExpired, HeappeNotFound) as exc:
-                raise HeappeAuthError(f"HEAppE at {c.base_url} refused our credentials: {exc}") from exc
-            if not isinstance(code, str) or not code.strip():
-                raise ProviderError(f"{what} returned no session code: {code!r}")
-            self._session = code.strip()
-            self.authentications += 1
-            return self._session
-
-    @staticmethod
-    def _secret(value: str | None, env: str | None, path: str | None) -> str:
-        """Read at each authentication, so an external refresher can rotate it."""
-        if path:
-            try:
-                return Path(os.path.expanduser(path)).read_text().strip()
-            except OSError as exc:
-                raise HeappeAuthError(f"heappe credential file unreadable: {exc}") from exc
-        if value is not None:
-            return value
-        if env and env in os.environ:
-            return os.environ[env]
-        raise HeappeAuthError(f"heappe credential variable {env!r} is not set on the head")
-
-    def _guard(self, what: str, call: Callable[[], T]) -> T:
-        """Map every failure of one HTTP call to our error types."""
-        base = self.config.base_url
-        try:
-            return call()
-        except hpx.ApiException as exc:
-            status, body = exc.status or 0, (exc.body or exc.reason or "").strip()
-            brief = f"{what}: HEAppE answered {status}: {body[:300]}"
-            if status == 401 or (status in (400, 403) and "session" in body.lower()):
-                raise _SessionExpired(brief) from exc
-            if status == 404:
-                raise HeappeNotFound(brief) from exc
-            if status == 0 or status == 429 or status >= 500:
-                raise ProviderError(brief) from exc
-            raise HeappeRejected(brief) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ProviderError(f"{what}: HEAppE at {base} unreachable: {exc}") from exc
-        except (pydantic.ValidationError, ValueError, TypeError) as exc:
-            raise ProviderError(f"{what}: unexpected answer from HEAppE at {base}: {exc}") from exc
-
 
 def _epoch(value: datetime | None) -> float | None:
     """HEAppE times are UTC; naive datetimes are read as UTC."""

@@ -176,7 +176,11 @@ class TritonEngine:
         async def requests():
             yield {"model_name": self.triton_model, "inputs": inputs, "request_id": rid}
 
-        stream = self._grpc.stream_infer(requests(), stream_timeout=self.args.request_timeout_s)
+        # triton_grpc_error (Triton >= 24.09): an error ends the stream with its gRPC
+        # status; without it only the message travels and a bad request looks like
+        # a broken server.
+        stream = self._grpc.stream_infer(requests(), stream_timeout=self.args.request_timeout_s,
+                                         headers={"triton_grpc_error": "true"})
         try:
             async for result, error in stream:
                 if error is not None:
@@ -184,7 +188,10 @@ class TritonEngine:
                 yield decode_outputs(self.args, lambda n: first_value(result.as_numpy(n)))
         except InferenceServerException as exc:
             raise _classify(str(exc), exc.status()) from None
-        except grpc.RpcError as exc:  # the stream itself broke: server gone
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise _classify(exc.details() or "", "INVALID_ARGUMENT") from None
+            # the stream itself broke: server gone
             raise TritonUnavailable(f"Triton at {self.url}: stream failed: {exc.code()} "
                                     f"{exc.details()}") from None
         finally:

@@ -68,7 +68,7 @@ def triton(hpcserve_stack, tiny_model_dir: Path, stub_env, tmp_path_factory):
     repo = write_tiny_repository(tmp_path_factory.mktemp("triton-repo") / "repo", tiny_model_dir)
     http_port, grpc_port = free_ports(2)
     common = {"triton_model": "tiny_llm", "tokenizer": str(tiny_model_dir)}
-    model = {"max_model_len": 2048, "resources": {"hpc_slot": 0.5},
+    model = {"max_model_len": 2048, "resources": {"hpc_slot": 0.25},
              "health_check_period_s": 1.0, "health_check_timeout_s": 10.0}
     config = {
         "hpcserve": {"pools": [{"name": "local", "provider": "local", "allocations": 1,
@@ -86,6 +86,12 @@ def triton(hpcserve_stack, tiny_model_dir: Path, stub_env, tmp_path_factory):
             {"name": "tiny-http", "engine": "triton", **model, "engine_args": {
                 **common, "url": f"127.0.0.1:{http_port}", "protocol": "http",
                 "output_mode": "cumulative", "extra_inputs": {"cumulative_output": True},
+                "outputs": {"finish_reason": "finish_reason"}}},
+            # Told a context 50x the model's, so only Triton's backend can refuse a
+            # long prompt: its INVALID_ARG must reach the client as a 400.
+            {"name": "tiny-grpc-unchecked", "engine": "triton", **model,
+             "max_model_len": 102400, "engine_args": {
+                **common, "url": f"127.0.0.1:{grpc_port}", "max_model_len": 102400,
                 "outputs": {"finish_reason": "finish_reason"}}},
         ]}}],
     }
@@ -189,6 +195,23 @@ def test_outputs_match_transformers(triton, reference, model):
 def test_bad_request_is_a_4xx(triton):
     with pytest.raises(openai.BadRequestError, match="context length"):
         triton.client().completions.create(model="tiny-grpc", prompt=PROMPT * 400, max_tokens=8)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_triton_refuses_is_a_4xx(triton, stream):
+    """hpcserve's own length check passes; the backend's ValueError comes back over
+    gRPC as INVALID_ARGUMENT and must be the client's 400, not a 5xx."""
+    client = triton.client()
+    with pytest.raises(openai.BadRequestError, match="exceeds the context length") as err:
+        reply = client.completions.create(model="tiny-grpc-unchecked", prompt=PROMPT * 400,
+                                          max_tokens=8, stream=stream)
+        if stream:
+            list(reply)
+    assert err.value.status_code == 400
+    assert "Traceback" not in str(err.value)
+    # ... and the model still serves.
+    reply = client.completions.create(model="tiny-grpc-unchecked", prompt=PROMPT, max_tokens=4)
+    assert reply.choices[0].text
 
 
 def test_server_killed_mid_stream(triton, reference):

@@ -32,9 +32,13 @@ START_TIMEOUT_S = 240
 
 
 def vllm_env(cache_root: Path) -> dict[str, str]:
-    """What both the bare server and the hpcserve replica run with."""
+    """What both the bare server and the hpcserve replica run with: the tiny model's
+    small-node environment (see ``SMALL_NODE_ENV``), without which the spinning
+    executor starves everything else on a 2-core box."""
+    from serve_app.engines.vllm import SMALL_NODE_ENV
+
     return {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-            "VLLM_CACHE_ROOT": str(cache_root)}
+            "VLLM_CACHE_ROOT": str(cache_root), **SMALL_NODE_ENV}
 
 
 def _shm_users() -> set[str]:

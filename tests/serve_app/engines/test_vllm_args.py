@@ -37,3 +37,14 @@ def test_bad_engine_args_name_the_field(args, field, hint):
     with pytest.raises(ValueError) as info:
         split_engine_args("qwen", args)
     assert f"models[qwen].{field}" in str(info.value) and hint in str(info.value)
+
+
+def test_the_tiny_model_gets_small_node_defaults_that_explicit_settings_override(model_cache):
+    from serve_app.engines.vllm import SMALL_NODE_ENV, TINY_MODEL_DEFAULTS
+
+    vllm_kwargs, serving = split_engine_args("tiny", {"env": {"OMP_NUM_THREADS": "2"}})
+    assert vllm_kwargs.items() >= TINY_MODEL_DEFAULTS.items()
+    assert serving["env"] == {**SMALL_NODE_ENV, "OMP_NUM_THREADS": "2"}
+    # A model of one's own keeps vLLM's executor: its node may have many cores.
+    _, serving = split_engine_args("m", {"model": "/models/x"})
+    assert "env" not in serving

@@ -51,7 +51,8 @@ TINY_MODEL_DEFAULTS = {"max_model_len": 2048, "enforce_eager": True,
 # message: on a 2-core node they hold both cores, and the replica, HAProxy and the
 # clients get CPU in bursts (a stream's tokens arrive after 1-2 s, all at once).  The
 # in-process executor with one OpenMP thread computes on one core and blocks when
-# idle: same tokens, steady streaming, and ~10-20 % faster on this model.  A real
+# idle: same tokens, steady streaming; bare vLLM on 2 cores went from 24 to 87
+# requests/s at 64 clients, 138 to 21 ms CPU per request (README).  A real
 # model on a many-core node wants the default (OpenMP over the node's cores).
 SMALL_NODE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
 _DEFAULT_ENV = {"VLLM_NO_USAGE_STATS": "1"}

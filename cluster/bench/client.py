@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-import httpx
+import httpx2
 import orjson
 
 from cluster.bench.workload import RequestSpec
@@ -160,7 +160,7 @@ def _has_finish(obj: dict[str, Any]) -> bool:
 
 
 async def stream_request(
-    client: httpx.AsyncClient,
+    client: httpx2.AsyncClient,
     payload: dict[str, Any],
     *,
     mode: Mode,
@@ -212,13 +212,13 @@ async def stream_request(
                 finished = finished or _has_finish(obj)
                 if obj.get("usage"):
                     usage = obj["usage"]
-    except httpx.TimeoutException as exc:
+    except httpx2.TimeoutException as exc:
         return _fail(res, TIMEOUT, repr(exc), t0)
-    except httpx.ConnectError as exc:
+    except httpx2.ConnectError as exc:
         return _fail(res, CONNECT, repr(exc), t0)
-    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+    except (httpx2.RemoteProtocolError, httpx2.ReadError) as exc:
         return _fail(res, BROKEN_STREAM, repr(exc), t0)
-    except httpx.HTTPError as exc:
+    except httpx2.HTTPError as exc:
         return _fail(res, type(exc).__name__, repr(exc), t0)
 
     res.e2e_s = (end or time.perf_counter()) - t0

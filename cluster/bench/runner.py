@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
-import httpx
+import httpx2
 
 from cluster.bench.client import Mode, RequestResult, build_payload, stream_request
 from cluster.bench.progress import NullProgress, ProgressSink
@@ -136,16 +136,22 @@ def _share(total: int, parts: int, i: int) -> int:
     return total // parts + (1 if i < total % parts else 0)
 
 
-def _make_client(target: Target, config: BenchConfig) -> httpx.AsyncClient:
+def _make_client(target: Target, config: BenchConfig) -> httpx2.AsyncClient:
     # httpx caps a pool at 100 connections by default; a capped pool makes requests
     # queue inside the *client* and shows up as server TTFT. No cap: the step's
     # concurrency (or the Poisson process) is the only limit.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30.0)
+    # httpx2, not httpx: httpcore 1.0's pool hands a newly idle connection to *every*
+    # queued request; all but one fail, re-queue and retry (pydantic/httpx2#1075,
+    # encode/httpcore#1035). When many users finish together -- as they do behind a
+    # server that sends text in bursts -- users sat in that churn for seconds: at c=128
+    # only 5-10 of 128 requests reached the server, and a TTFT p90 of 10 s was the
+    # client's. httpx2 is the fork the openai SDK itself uses.
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30.0)
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-    return httpx.AsyncClient(
+    return httpx2.AsyncClient(
         base_url=target.url.rstrip("/") + "/",
         limits=limits,
-        timeout=httpx.Timeout(config.timeout, connect=min(30.0, config.timeout)),
+        timeout=httpx2.Timeout(config.timeout, connect=min(30.0, config.timeout)),
         headers=headers,
     )
 
@@ -187,7 +193,7 @@ class _BlockSender:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx2.AsyncClient,
         target: Target,
         config: BenchConfig,
         progress: ProgressSink,
@@ -267,7 +273,7 @@ async def run_qps_block(
     await asyncio.gather(*tasks)
 
 
-async def _warmup(client: httpx.AsyncClient, target: Target, config: BenchConfig, factory: PromptFactory) -> None:
+async def _warmup(client: httpx2.AsyncClient, target: Target, config: BenchConfig, factory: PromptFactory) -> None:
     """A few sequential requests so connection set-up and first-call costs (compiles,
     lazy imports) stay out of step one, and a wrong URL or model fails fast and loud."""
     sender = _BlockSender(client, target, config, NullProgress(), None)
@@ -321,7 +327,7 @@ def arrival_offsets(config: BenchConfig, step: Step, step_index: int, round_: in
 
 
 async def _run_block(
-    client: httpx.AsyncClient, target: Target, config: BenchConfig, factory: PromptFactory,
+    client: httpx2.AsyncClient, target: Target, config: BenchConfig, factory: PromptFactory,
     s: int, step: Step, r: int, sink: ProgressSink, count_tokens: Callable[[str], int] | None,
 ) -> Block:
     requests, duration = _block_budget(config, r)

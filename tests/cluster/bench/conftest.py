@@ -43,6 +43,8 @@ class FakeOpenAI:
         self.count = 0
         self.in_flight = 0
         self.peak = 0
+        self.in_flight_s = 0.0  # integral of in_flight over time: / wall time = mean in flight
+        self._changed = time.perf_counter()
         self.bodies: list[dict[str, Any]] = []
         self.connections: set[int] = set()  # client ports: one per TCP connection
         self.app = FastAPI()
@@ -74,6 +76,11 @@ class FakeOpenAI:
         self._thread.join(timeout=10)
         self._sock.close()
 
+    def _add_in_flight(self, change: int) -> None:
+        now = time.perf_counter()
+        self.in_flight_s += self.in_flight * (now - self._changed)
+        self.in_flight, self._changed = self.in_flight + change, now
+
     def _handler(self, chat: bool) -> Callable[[Request], Any]:
         async def handle(request: Request) -> Any:
             body = await request.json()
@@ -85,7 +92,7 @@ class FakeOpenAI:
             if fault in ("500", "400"):
                 err = {"error": {"message": f"injected {fault}", "type": "test", "param": None, "code": int(fault)}}
                 return JSONResponse(err, status_code=int(fault))
-            self.in_flight += 1
+            self._add_in_flight(1)
             self.peak = max(self.peak, self.in_flight)
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(self._stream(chat, fault, include_usage), media_type="text/event-stream")
@@ -124,7 +131,7 @@ class FakeOpenAI:
                 yield _sse({"id": "x", "object": obj, "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": total, "total_tokens": total + 7}})
             yield b"data: [DONE]\n\n"
         finally:
-            self.in_flight -= 1
+            self._add_in_flight(-1)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-import httpx
+import httpx2
 import pytest
 
 from cluster.bench.client import RequestResult, build_payload, per_token_itl, split_tokens, stream_request
@@ -17,7 +17,7 @@ SPEC = RequestSpec(index=0, prompt="hello there", max_tokens=8)
 
 def _one(url: str, mode: str = "chat", timeout: float = 10.0, **payload_kw: Any) -> RequestResult:
     async def go() -> RequestResult:
-        async with httpx.AsyncClient(base_url=url + "/", timeout=timeout) as client:
+        async with httpx2.AsyncClient(base_url=url + "/", timeout=timeout) as client:
             payload = build_payload(SPEC, model="m", mode=mode, ignore_eos=True, **payload_kw)  # type: ignore[arg-type]
             return await stream_request(client, payload, mode=mode, index=0, block_t0=0.0)  # type: ignore[arg-type]
 

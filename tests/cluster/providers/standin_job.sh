@@ -8,6 +8,17 @@ set -u
 umask 077
 dir=${STANDIN_MARKER_DIR:?}
 id=${SLURM_JOB_ID:?}
+# Traps first: squeue says RUNNING before this script runs, and a USR1 that lands
+# before the trap kills the shell (SLURM then reports JobLaunchFailure). The .env
+# marker below tells tests the traps are in place.
+child=""
+on_usr1() {
+    date +%s >>"$dir/$id.usr1"
+    if [[ ${STANDIN_EXIT_ON_USR1:-0} == 1 ]]; then kill "$child" 2>/dev/null; exit 0; fi
+}
+on_term() { date +%s >>"$dir/$id.term"; kill "$child" 2>/dev/null; exit 0; }
+trap on_usr1 USR1
+trap on_term TERM
 # What a worker job would compute: SLURM 22.05 sets no SLURM_JOB_END_TIME, so
 # ask the scheduler for this job's wall-time end (epoch via SLURM_TIME_FORMAT).
 end=$(SLURM_TIME_FORMAT=%s squeue --noheader --jobs="$id" --format=%e 2>/dev/null)
@@ -16,12 +27,5 @@ mv "$dir/$id.env.tmp" "$dir/$id.env"
 
 sleep 3600 &
 child=$!
-on_usr1() {
-    date +%s >>"$dir/$id.usr1"
-    if [[ ${STANDIN_EXIT_ON_USR1:-0} == 1 ]]; then kill "$child" 2>/dev/null; exit 0; fi
-}
-on_term() { date +%s >>"$dir/$id.term"; kill "$child" 2>/dev/null; exit 0; }
-trap on_usr1 USR1
-trap on_term TERM
 # `wait` returns early whenever a trapped signal arrives: keep waiting for the child.
 while kill -0 "$child" 2>/dev/null; do wait "$child"; done

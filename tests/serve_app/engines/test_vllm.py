@@ -241,6 +241,31 @@ def test_logprobs_match_bare_vllm(clients):
     assert o.choices[0].logprobs.text_offset[0] == 0
 
 
+def test_stream_sends_the_first_token_alone_then_every_few_tokens(clients):
+    """vLLM's ``stream_interval`` (hpcserve's default 4): the first token goes out on
+    its own (TTFT untouched), later outputs carry whole multiples of the interval
+    (the collector may merge two), and nothing is lost.  Logprobs show how many
+    tokens each chunk carries."""
+    from serve_app.engines.vllm import DEFAULT_STREAM_INTERVAL_TOKENS as every
+
+    _, ours = clients
+    per_chunk, text = [], []
+    for chunk in ours.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30,
+                                         temperature=0, logprobs=1, stream=True,
+                                         extra_body={"ignore_eos": True}):
+        for choice in chunk.choices:
+            if choice.logprobs and choice.logprobs.tokens:
+                per_chunk.append(len(choice.logprobs.tokens))
+                text.append(choice.text)
+    assert sum(per_chunk) == 30, per_chunk
+    assert per_chunk[0] == 1, per_chunk
+    assert all(n % every == 0 for n in per_chunk[1:-1]), per_chunk
+    assert len(per_chunk) <= 2 + 29 // every, per_chunk
+    whole = ours.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert "".join(text) == whole.choices[0].text
+
+
 def _exported(head, metric: str, model: str = "tiny") -> dict[str, float]:
     """``metric`` per node (``host:port``) of Ray's Prometheus file_sd list, as a
     Prometheus server configured from it would see it."""

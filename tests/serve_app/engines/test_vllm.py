@@ -242,10 +242,11 @@ def test_logprobs_match_bare_vllm(clients):
 
 
 def test_stream_sends_the_first_token_alone_then_every_few_tokens(clients):
-    """vLLM's ``stream_interval`` (hpcserve's default 4): the first token goes out on
-    its own (TTFT untouched), later outputs carry whole multiples of the interval
-    (the collector may merge two), and nothing is lost.  Logprobs show how many
-    tokens each chunk carries."""
+    """vLLM's ``stream_interval`` (hpcserve's default 4): the engine emits the first
+    token on its own (TTFT untouched) and then every 4 tokens, and nothing is lost.
+    Logprobs show how many tokens each chunk carries.  vLLM's per-request collector
+    merges outputs the replica has not picked up yet, so on a busy machine the first
+    chunk may carry 1 + 4 tokens and a later one 8: counts stay 1 mod 4 and 0 mod 4."""
     from serve_app.engines.vllm import DEFAULT_STREAM_INTERVAL_TOKENS as every
 
     _, ours = clients
@@ -258,7 +259,7 @@ def test_stream_sends_the_first_token_alone_then_every_few_tokens(clients):
                 per_chunk.append(len(choice.logprobs.tokens))
                 text.append(choice.text)
     assert sum(per_chunk) == 30, per_chunk
-    assert per_chunk[0] == 1, per_chunk
+    assert per_chunk[0] % every == 1, per_chunk
     assert all(n % every == 0 for n in per_chunk[1:-1]), per_chunk
     assert len(per_chunk) <= 2 + 29 // every, per_chunk
     whole = ours.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30,

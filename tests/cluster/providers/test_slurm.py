@@ -152,10 +152,7 @@ def test_signalled_job_completes_and_scontrol_fallback_agrees(slurm_cluster, tmp
     job_id = provider.submit(spec_for(tmp_path / "m", STANDIN_EXIT_ON_USR1="1"))
     wait_for(provider, job_id, running, timeout=60)
     # RUNNING comes before the batch script runs; its .env marker says its traps are set.
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "m" / f"{job_id}.env").exists():
-        assert time.monotonic() < deadline, "the job script never started"
-        time.sleep(0.2)
+    wait_file(tmp_path / "m" / f"{job_id}.env", timeout=60)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_cluster.env(),
                    check=True, timeout=30)
     info = wait_for(provider, job_id, terminal, timeout=30)

@@ -241,7 +241,7 @@ def test_logprobs_match_bare_vllm(clients):
     assert o.choices[0].logprobs.text_offset[0] == 0
 
 
-def test_stream_sends_the_first_token_alone_then_every_few_tokens(clients):
+def test_engine_emits_the_first_token_then_every_stream_interval_tokens(clients):
     """vLLM's ``stream_interval`` (hpcserve's default 4): the engine emits the first
     token on its own (TTFT untouched) and then every 4 tokens, and nothing is lost.
     Logprobs show how many tokens each chunk carries.  vLLM's per-request collector

@@ -1,0 +1,91 @@
+"""scripts/bench-pool: pooled percentiles over runs, and each run's own ratio with the median.
+
+The runs are written here the way `hpcserve bench` writes them (`bench.json` with
+`summarize`d results and `ratio_metrics`, `requests.jsonl` with one record per
+request), from latencies drawn for a fast host and a slow one.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.bench.report import percentiles, ratio_metrics
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _load_bench_pool():
+    loader = importlib.machinery.SourceFileLoader("bench_pool", str(REPO / "scripts" / "bench-pool"))
+    spec = importlib.util.spec_from_loader("bench_pool", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _write_run(run: Path, e2e: dict[str, list[float]], wall_s: float = 10.0) -> None:
+    """One step `c=4`: e2e latencies (s) per target, TTFT a tenth of each, 8 tokens each."""
+    run.mkdir()
+    results = {}
+    with open(run / "requests.jsonl", "w") as f:
+        for target, values in e2e.items():
+            for i, v in enumerate(values):
+                f.write(json.dumps({"target": target, "step": "c=4", "round": 0, "index": i,
+                                    "ok": True, "ttft_s": v / 10, "e2e_s": v,
+                                    "output_tokens": 8}) + "\n")
+            results[target] = {
+                "wall_s": wall_s, "failed": 0,
+                "output_tokens_per_s": 8 * len(values) / wall_s,
+                "requests_per_s": len(values) / wall_s,
+                "ttft_ms": percentiles([v * 100 for v in values]),
+                "e2e_ms": percentiles([v * 1000 for v in values]),
+                "itl_ms": percentiles([]),
+            }
+    step = {"label": "c=4", "results": results,
+            "ratio": ratio_metrics(results["service"], results["bare"])}
+    (run / "bench.json").write_text(json.dumps({"steps": [step]}))
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> tuple[list[Path], dict[str, list[float]]]:
+    rng = np.random.default_rng(7)
+    fast = {"service": rng.uniform(0.9, 1.1, 200).tolist(), "bare": rng.uniform(1.0, 1.2, 200).tolist()}
+    slow = {t: [2 * v for v in vs] for t, vs in fast.items()}   # same ratio, host twice as slow
+    odd = {"service": rng.uniform(1.2, 1.4, 100).tolist(), "bare": rng.uniform(1.0, 1.2, 100).tolist()}
+    paths = [tmp_path / "fast", tmp_path / "slow", tmp_path / "odd"]
+    for path, e2e in zip(paths, (fast, slow, odd)):
+        _write_run(path, e2e)
+    pooled = {t: fast[t] + slow[t] + odd[t] for t in fast}
+    return paths, pooled
+
+
+def test_pooled_percentiles_are_over_every_runs_requests(runs) -> None:
+    paths, pooled = runs
+    report, n_runs = _load_bench_pool().pooled_report(paths)
+    (step,) = report["steps"]
+    assert n_runs == {"c=4": 3}
+    for target in ("service", "bare"):
+        got = step["results"][target]
+        assert got["e2e_ms"]["p90"] == pytest.approx(np.percentile(pooled[target], 90) * 1000)
+        # all tokens over all wall time: 3 runs of 10 s
+        assert got["output_tokens_per_s"] == pytest.approx(8 * len(pooled[target]) / 30.0)
+    assert step["ratio"]["e2e_ms.p90"] == pytest.approx(
+        np.percentile(pooled["service"], 90) / np.percentile(pooled["bare"], 90))
+
+
+def test_per_run_table_gives_each_runs_ratio_and_their_median(runs) -> None:
+    paths, _ = runs
+    lines = _load_bench_pool().per_run_table(paths)
+    assert len(lines) == 3 and lines[2].startswith("| c=4 | 3 |")
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    each = [float(part.split(" / ")[0]) for part in cells[5].split("; ")]
+    ratios = [json.loads((p / "bench.json").read_text())["steps"][0]["ratio"]["e2e_ms.p90"] for p in paths]
+    assert each == pytest.approx(ratios, abs=5e-4)
+    # the fast and the slow run have the same ratio: the median is theirs, not the odd run's
+    assert ratios[0] == pytest.approx(ratios[1]) and ratios[2] > 1.1
+    assert float(cells[2]) == pytest.approx(ratios[0], abs=5e-4)

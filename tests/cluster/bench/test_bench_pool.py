@@ -7,25 +7,22 @@ request), from latencies drawn for a fast host and a slow one.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
+import runpy
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cluster.bench.report import percentiles, ratio_metrics
+from cluster.bench.client import RequestResult
+from cluster.bench.report import ratio_metrics, summarize
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _load_bench_pool():
-    loader = importlib.machinery.SourceFileLoader("bench_pool", str(REPO / "scripts" / "bench-pool"))
-    spec = importlib.util.spec_from_loader("bench_pool", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+def _load_bench_pool() -> types.SimpleNamespace:
+    return types.SimpleNamespace(**runpy.run_path(str(REPO / "scripts" / "bench-pool")))
 
 
 def _write_run(run: Path, e2e: dict[str, list[float]], wall_s: float = 10.0) -> None:
@@ -34,18 +31,11 @@ def _write_run(run: Path, e2e: dict[str, list[float]], wall_s: float = 10.0) -> 
     results = {}
     with open(run / "requests.jsonl", "w") as f:
         for target, values in e2e.items():
-            for i, v in enumerate(values):
-                f.write(json.dumps({"target": target, "step": "c=4", "round": 0, "index": i,
-                                    "ok": True, "ttft_s": v / 10, "e2e_s": v,
-                                    "output_tokens": 8}) + "\n")
-            results[target] = {
-                "wall_s": wall_s, "failed": 0,
-                "output_tokens_per_s": 8 * len(values) / wall_s,
-                "requests_per_s": len(values) / wall_s,
-                "ttft_ms": percentiles([v * 100 for v in values]),
-                "e2e_ms": percentiles([v * 1000 for v in values]),
-                "itl_ms": percentiles([]),
-            }
+            done = [RequestResult(index=i, start_s=0.0, ok=True, ttft_s=v / 10, e2e_s=v,
+                                  output_tokens=8, tokens_from="usage") for i, v in enumerate(values)]
+            for r in done:
+                f.write(json.dumps({"target": target, "step": "c=4", "round": 0, **r.as_record()}) + "\n")
+            results[target] = summarize(done, wall_s, offered=len(done))
     step = {"label": "c=4", "results": results,
             "ratio": ratio_metrics(results["service"], results["bare"])}
     (run / "bench.json").write_text(json.dumps({"steps": [step]}))

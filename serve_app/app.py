@@ -1,12 +1,14 @@
 """Entry point for `serve deploy`: ``import_path: serve_app.app:build_app``.
 
-``ingress: routed`` (default): one engine deployment per configured model and the
+``ingress: routed``: one engine deployment per configured model and the
 ingress that routes to them.  The ingress is pinned to the head (``serve_head``
 resource) because workers come and go with their batch jobs; engine replicas ask
 for ``hpc_slot`` (or what the model config says), which only workers advertise.
 
 ``ingress: direct``: the one model's engine deployment is the app's ingress
 (``serve_app.engine_ingress``); HAProxy on the head sends requests straight to it.
+
+``ingress: auto`` (default) is ``direct`` for one model and ``routed`` for several.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from serve_app.ingress import Ingress
 
 def build_app(args: dict[str, Any]) -> Application:
     config = parse_app_config(args)
-    if config.ingress == "direct":
+    if config.ingress_mode == "direct":
         (model,) = config.models
         deployment = engine_ingress(model.engine, **model.deployment_options())
         return deployment.bind(config.model_dump(), model_name=model.name,

@@ -1,0 +1,109 @@
+"""The routed ingress's mid-stream failover, with a real engine replica killed.
+
+``ingress: routed`` exists for this (and for several models): when the engine
+replica a stream is on dies, the ingress asks another replica to continue from
+the text already sent, and the client sees one uninterrupted stream.  Two
+allocations, one engine replica on each; the replica generating the stream is
+found by the CPU its process tree burns and SIGKILLed mid-stream.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+ENGINE_REPLICA = "ray::ServeReplica:hpcserve:engine-tiny"
+MAX_TOKENS = 1200
+
+
+@pytest.fixture(scope="module")
+def stack(hpcserve_stack):
+    s = hpcserve_stack(
+        name="failover", pool={"allocations": 2},
+        args={"ingress": "routed", "models": [
+            {"name": "tiny", "engine": "zmq", "max_model_len": 2048, "num_replicas": 2}]})
+    yield s
+    s.down()
+
+
+def _job_sessions(home: Path) -> set[int]:
+    """The sessions of this stack's batch jobs: every process a job started is in one."""
+    return {int(f.read_text().strip()) for f in home.rglob("*.pid")}
+
+
+def _engine_replicas(home: Path) -> list[int]:
+    sessions, found = _job_sessions(home), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode()
+            if cmd == ENGINE_REPLICA and os.getsid(int(entry)) in sessions:
+                found.append(int(entry))
+        except (OSError, UnicodeDecodeError):
+            continue
+    return found
+
+
+def _tree_cpu_ticks(pid: int) -> int:
+    """CPU ticks of ``pid`` and its children (the replica and its engine process)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total
+
+
+def _busiest(pids: list[int], seconds: float = 1.0) -> tuple[int, dict[int, int]]:
+    before = {p: _tree_cpu_ticks(p) for p in pids}
+    time.sleep(seconds)
+    used = {p: _tree_cpu_ticks(p) - before[p] for p in pids}
+    return max(used, key=used.get), used
+
+
+def test_stream_survives_its_engine_replica_being_killed(stack):
+    replicas = _engine_replicas(stack.home)
+    assert len(replicas) == 2, f"expected one engine replica per allocation: {replicas}"
+    stream = stack.client(timeout=300).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "tell me a long story"}],
+        max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    text_before = ""
+    while len(text_before) < 200:  # well into the stream, far from its end
+        chunk = next(chunks)
+        if chunk.choices:
+            text_before += chunk.choices[0].delta.content or ""
+    victim, used = _busiest(replicas)
+    others = [used[p] for p in replicas if p != victim]
+    assert used[victim] > 3 * max(others), f"no replica stands out as serving: {used}"
+    os.kill(victim, signal.SIGKILL)
+
+    text_after, finish, usage = "", None, None
+    for chunk in chunks:
+        if chunk.choices:
+            text_after += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert text_after, "nothing arrived after the replica was killed"
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == MAX_TOKENS
+    assert victim not in _engine_replicas(stack.home)
+
+
+def test_service_keeps_serving_after_the_kill(stack):
+    reply = stack.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.usage.completion_tokens >= 1

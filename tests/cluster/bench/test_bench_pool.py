@@ -83,3 +83,16 @@ def test_per_run_table_gives_each_runs_ratio_and_their_median(runs) -> None:
     # the medians are the fast/slow runs': E2E P90 ~0.92, TTFT P90 ~10 ms better, equal
     # tokens per second, so they meet every target although the odd run does not
     assert cells[5] == "met"
+
+
+def test_paired_table_compares_each_request_with_its_twin(tmp_path: Path) -> None:
+    """Service request i took 1.05x as long as bare request i (TTFT and decode alike):
+    the paired medians say so, although the two sides' latencies overlap widely."""
+    bare = np.random.default_rng(3).uniform(0.5, 2.0, 101).tolist()
+    _write_run(tmp_path / "run", {"service": [1.05 * v for v in bare], "bare": bare})
+    lines = _load_bench_pool().paired_table([tmp_path / "run"])
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[:4] == ["c=4", "101", "1.050", "1.050"]
+    # TTFT is a tenth of E2E: the twin's is 0.005 * its E2E shorter
+    assert float(cells[4]) == pytest.approx(5 * np.median(bare), abs=0.05)

@@ -63,6 +63,10 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 @dataclass(slots=True)
 class Usage:
+    """Token counts as OpenAI reports them.  ``prompt_tokens`` is the client's prompt:
+    a failed-over request's ``continuation`` is not counted in it (its tokens were
+    completion tokens of the replica that died)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

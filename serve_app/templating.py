@@ -30,6 +30,18 @@ def render_prompt(tokenizer: Any, request: GenerateRequest) -> str:
     return text + request.continuation
 
 
+def continuation_tokens(tokenizer: Any, request: GenerateRequest) -> int:
+    """How many of the prompt's tokens are ``request.continuation``.
+
+    Usage counts them as completion tokens (the client received them as output from
+    the replica that died, and the ingress counted them there), so an engine that
+    tokenizes the whole rendered prompt subtracts this from its prompt count.
+    """
+    if not request.continuation or tokenizer is None:
+        return 0
+    return len(tokenizer(request.continuation, add_special_tokens=False)["input_ids"])
+
+
 def template_message(message: ChatMessage) -> dict[str, Any]:
     """A message as chat templates expect it: content flattened to a string.
 

@@ -51,6 +51,7 @@ from serve_app.engines.triton_requests import (
 )
 from serve_app.framing import sse_lines
 from serve_app.protocol import EngineError, GenerateDelta, GenerateRequest, Usage
+from serve_app.templating import continuation_tokens
 
 log = logging.getLogger("hpcserve.engines.triton")
 
@@ -132,7 +133,8 @@ class TritonEngine:
             count = len(self.tokenizer(seen, add_special_tokens=False)["input_ids"])
         if finish not in ("stop", "length", "abort"):
             finish = "length" if max_tokens is not None and count >= max_tokens else "stop"
-        yield [GenerateDelta(finish_reason=finish, usage=Usage(n_prompt or 0, count))]
+        n_prompt = (n_prompt or 0) - continuation_tokens(self.tokenizer, request)
+        yield [GenerateDelta(finish_reason=finish, usage=Usage(n_prompt, count))]
 
     async def model_info(self) -> dict[str, Any]:
         return {"model": self.model_name, "max_model_len": self.max_model_len,

@@ -34,7 +34,7 @@ from serve_app.protocol import (
     SamplingParams,
     Usage,
 )
-from serve_app.templating import render_prompt
+from serve_app.templating import continuation_tokens, render_prompt
 from serve_app.zmq_engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
 
 Event = tuple[Hashable, GenerateDelta]
@@ -53,9 +53,11 @@ class _Sequence:
     unsent_tokens: int = 0  # generated tokens not yet covered by a sent delta
     num_cached: int = 0  # tokens of this row in the KV cache = position of the next one
     finish_reason: str | None = None
+    continued_tokens: int = 0  # the prompt's tail that a failed-over stream already sent
 
     def usage(self) -> Usage:
-        return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
+        return Usage(prompt_tokens=len(self.prompt_ids) - self.continued_tokens,
+                     completion_tokens=len(self.output_ids))
 
 
 class _Stats:
@@ -167,7 +169,8 @@ class Batcher:
             key=key, prompt_ids=ids, sampling=params,
             max_tokens=params.max_tokens if params.max_tokens is not None else room,
             generator=generator, detok=IncrementalDetokenizer(self.tokenizer, ids),
-            text=StopStringBuffer(params.stop)))
+            text=StopStringBuffer(params.stop),
+            continued_tokens=continuation_tokens(self.tokenizer, request)))
 
     def abort(self, key: Hashable) -> list[Event]:
         """Forget a request; its final delta says ``abort`` (none if it was unknown)."""

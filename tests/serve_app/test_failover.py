@@ -99,6 +99,11 @@ def test_stream_survives_its_engine_replica_being_killed(stack):
     assert text_after, "nothing arrived after the replica was killed"
     assert finish == "length"
     assert usage is not None and usage.completion_tokens == MAX_TOKENS
+    # the text sent before the kill is prompt for the second replica, not for usage
+    plain = stack.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "tell me a long story"}],
+        max_tokens=1)
+    assert abs(usage.prompt_tokens - plain.usage.prompt_tokens) <= 1, (usage, plain.usage)
     assert victim not in _engine_replicas(stack.home)
 
 

@@ -107,6 +107,17 @@ def test_usage_counts_prompt_and_completion_tokens(batcher: Batcher) -> None:
     assert result.finish_reason == "length"
 
 
+def test_a_continued_request_counts_only_the_clients_prompt(batcher: Batcher) -> None:
+    """A failed-over stream: the text already sent is generated after, not prompted."""
+    first = run(batcher, {"k": chat("Hello there", max_tokens=12)})["k"]
+    continued = chat("Hello there", max_tokens=4)
+    continued.continuation = first.text[: len(first.text) // 2]
+    result = run(batcher, {"k": continued})["k"]
+    assert continued.continuation.strip()
+    assert result.prompt_tokens == first.prompt_tokens
+    assert result.completion_tokens == 4
+
+
 def test_stop_string_ends_the_text_before_it(batcher: Batcher) -> None:
     full = run(batcher, {"k": chat("Write some python code please", max_tokens=24)})["k"].text
     stop = full[7:11]  # four characters that usually span a token boundary

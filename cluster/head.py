@@ -1,7 +1,8 @@
 """The persistent Ray head: start it, deploy Serve on it, stop exactly it.
 
 The head runs no engine work (``num_cpus=0``); it advertises ``serve_head`` so the
-Serve controller, proxy and ingress live there while workers come and go.  Every
+Serve controller, the proxy (HAProxy) and, with ``ingress: routed``, the ingress
+replica live there while workers come and go.  Every
 ``ray start`` -- head and workers -- gets the same environment from
 ``ray_environment`` so auth, Serve's low-overhead transport and health-check
 timings agree across the cluster.

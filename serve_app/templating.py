@@ -30,16 +30,18 @@ def render_prompt(tokenizer: Any, request: GenerateRequest) -> str:
     return text + request.continuation
 
 
-def continuation_tokens(tokenizer: Any, request: GenerateRequest) -> int:
-    """How many of the prompt's tokens are ``request.continuation``.
+def client_prompt_tokens(tokenizer: Any, request: GenerateRequest, prompt_ids: list[int]) -> int:
+    """The prompt tokens usage reports: those of the client's prompt.
 
-    Usage counts them as completion tokens (the client received them as output from
-    the replica that died, and the ingress counted them there), so an engine that
-    tokenizes the whole rendered prompt subtracts this from its prompt count.
+    ``prompt_ids`` is the rendered prompt the engine runs, continuation included.  A
+    failed-over stream's continuation was completion for the replica that died (and
+    the ingress counts it as such), so it is left out: the prompt is counted as the
+    first replica counted it, without the continuation.
     """
-    if not request.continuation or tokenizer is None:
-        return 0
-    return len(tokenizer(request.continuation, add_special_tokens=False)["input_ids"])
+    if not request.continuation:
+        return len(prompt_ids)
+    base = render_prompt(tokenizer, request.model_copy(update={"continuation": ""}))
+    return len(tokenizer(base, add_special_tokens=request.messages is None)["input_ids"])
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:

@@ -17,14 +17,14 @@ each of those differences an ``engine_args`` setting (docs/triton.md has recipes
   ``batch_dim`` adds the leading batch dimension of models with max_batch_size > 0.
 
 Chat messages are rendered with the model's tokenizer (``tokenizer``) before they
-reach Triton, and ``continuation`` is appended, so a retried stream resumes where
-it broke.  With ``model_repository`` the replica starts ``tritonserver`` on its node
+reach Triton, and ``continuation`` is appended, so a stream the routed ingress
+retries resumes where it broke.  With ``model_repository`` the replica starts ``tritonserver`` on its node
 and stops it with itself; with ``url`` it uses a server the job already runs.  With
 neither, it serves the tiny local model (serve_app.triton_models), as ZmqEngine does.
 
 Errors: Triton's INVALID_ARGUMENT becomes ``EngineError`` (400, the client's fault);
 anything else -- server gone, stream cut, model unavailable -- raises
-``TritonUnavailable``, which the ingress retries on another replica; ``check_health``
+``TritonUnavailable``, which the routed ingress retries on another replica; ``check_health``
 fails once the server is dead so Serve replaces this replica.
 """
 
@@ -51,7 +51,6 @@ from serve_app.engines.triton_requests import (
 )
 from serve_app.framing import sse_lines
 from serve_app.protocol import EngineError, GenerateDelta, GenerateRequest, Usage
-from serve_app.templating import continuation_tokens
 
 log = logging.getLogger("hpcserve.engines.triton")
 
@@ -106,8 +105,8 @@ class TritonEngine:
             yield chunk
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
-        prompt, n_prompt = render_request_prompt(request, self.tokenizer, self.model_name,
-                                                   self.max_model_len)
+        prompt, n_prompt, n_client_prompt = render_request_prompt(
+            request, self.tokenizer, self.model_name, self.max_model_len)
         max_tokens = request.sampling.max_tokens
         if max_tokens is None and self.max_model_len and n_prompt is not None:
             max_tokens = self.max_model_len - n_prompt
@@ -133,8 +132,7 @@ class TritonEngine:
             count = len(self.tokenizer(seen, add_special_tokens=False)["input_ids"])
         if finish not in ("stop", "length", "abort"):
             finish = "length" if max_tokens is not None and count >= max_tokens else "stop"
-        n_prompt = (n_prompt or 0) - continuation_tokens(self.tokenizer, request)
-        yield [GenerateDelta(finish_reason=finish, usage=Usage(n_prompt, count))]
+        yield [GenerateDelta(finish_reason=finish, usage=Usage(n_client_prompt, count))]
 
     async def model_info(self) -> dict[str, Any]:
         return {"model": self.model_name, "max_model_len": self.max_model_len,

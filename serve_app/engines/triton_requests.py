@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.protocol import EngineError, GenerateRequest
-from serve_app.templating import render_prompt
+from serve_app.templating import client_prompt_tokens, render_prompt
 
 # (our name, numpy dtype, Triton dtype) for ``sampling: tensors``.
 _SAMPLING_TENSORS = {"max_tokens": (np.int32, "INT32"), "temperature": (np.float32, "FP32"),
@@ -83,21 +83,23 @@ class TritonEngineArgs(BaseModel):
 
 
 def render_request_prompt(request: GenerateRequest, tokenizer: Any, model_name: str,
-                          max_model_len: int | None) -> tuple[str, int | None]:
-    """The prompt text and its token count (None without a tokenizer); checks the context."""
+                          max_model_len: int | None) -> tuple[str, int | None, int]:
+    """The prompt text, its token count (None without a tokenizer) and the prompt tokens
+    usage reports (``client_prompt_tokens``; 0 without a tokenizer); checks the context."""
     param = "messages" if request.messages is not None else "prompt"
     if request.messages is not None and tokenizer is None:
         raise EngineError(f"model '{model_name}' has no tokenizer configured, so it "
                           "serves completions only", status=400, param="messages",
                           code="chat_not_supported")
     if tokenizer is None:
-        return render_prompt(None, request), None
+        return render_prompt(None, request), None, 0
     try:
         prompt = render_prompt(tokenizer, request)
     except Exception as exc:  # a template that rejects the conversation
         raise EngineError(f"cannot apply the chat template: {exc}", status=400,
                           param=param, code="invalid_prompt") from exc
-    n = len(tokenizer(prompt, add_special_tokens=request.messages is None)["input_ids"])
+    ids = tokenizer(prompt, add_special_tokens=request.messages is None)["input_ids"]
+    n = len(ids)
     room = (max_model_len or 0) - n
     if max_model_len and (room < 1 or (request.sampling.max_tokens or 1) > room):
         raise EngineError(
@@ -105,7 +107,7 @@ def render_request_prompt(request: GenerateRequest, tokenizer: Any, model_name: 
             f"you requested {n + (request.sampling.max_tokens or 1)} tokens ({n} in the "
             f"{param}, {request.sampling.max_tokens or 1} in the completion).",
             status=400, param=param, code="context_length_exceeded")
-    return prompt, n
+    return prompt, n, client_prompt_tokens(tokenizer, request, ids)
 
 
 def sampling_values(args: TritonEngineArgs, request: GenerateRequest,

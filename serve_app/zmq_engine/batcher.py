@@ -34,7 +34,7 @@ from serve_app.protocol import (
     SamplingParams,
     Usage,
 )
-from serve_app.templating import continuation_tokens, render_prompt
+from serve_app.templating import client_prompt_tokens, render_prompt
 from serve_app.zmq_engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
 
 Event = tuple[Hashable, GenerateDelta]
@@ -53,10 +53,10 @@ class _Sequence:
     unsent_tokens: int = 0  # generated tokens not yet covered by a sent delta
     num_cached: int = 0  # tokens of this row in the KV cache = position of the next one
     finish_reason: str | None = None
-    continued_tokens: int = 0  # the prompt's tail that a failed-over stream already sent
+    client_prompt_tokens: int = 0  # prompt_ids without a failed-over stream's continuation
 
     def usage(self) -> Usage:
-        return Usage(prompt_tokens=len(self.prompt_ids) - self.continued_tokens,
+        return Usage(prompt_tokens=self.client_prompt_tokens,
                      completion_tokens=len(self.output_ids))
 
 
@@ -154,7 +154,12 @@ class Batcher:
         if not ids:
             raise EngineError("the prompt is empty", status=400, param=param, code="invalid_prompt")
         room = self.max_model_len - len(ids)
-        if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
+        max_tokens = params.max_tokens
+        if request.continuation and room >= 1 and max_tokens is not None:
+            # The text already sent can take more tokens re-tokenized than it took to
+            # generate; a failed-over stream ends early rather than failing.
+            max_tokens = min(max_tokens, room)
+        if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = len(ids) + (params.max_tokens or 1)
             raise EngineError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
@@ -167,10 +172,10 @@ class Batcher:
             generator = torch.Generator().manual_seed(params.seed)
         self._waiting.append(_Sequence(
             key=key, prompt_ids=ids, sampling=params,
-            max_tokens=params.max_tokens if params.max_tokens is not None else room,
+            max_tokens=max_tokens if max_tokens is not None else room,
             generator=generator, detok=IncrementalDetokenizer(self.tokenizer, ids),
             text=StopStringBuffer(params.stop),
-            continued_tokens=continuation_tokens(self.tokenizer, request)))
+            client_prompt_tokens=client_prompt_tokens(self.tokenizer, request, ids)))
 
     def abort(self, key: Hashable) -> list[Event]:
         """Forget a request; its final delta says ``abort`` (none if it was unknown)."""

@@ -90,9 +90,30 @@ def test_paired_table_compares_each_request_with_its_twin(tmp_path: Path) -> Non
     the paired medians say so, although the two sides' latencies overlap widely."""
     bare = np.random.default_rng(3).uniform(0.5, 2.0, 101).tolist()
     _write_run(tmp_path / "run", {"service": [1.05 * v for v in bare], "bare": bare})
-    lines = _load_bench_pool().paired_table([tmp_path / "run"])
+    pool = _load_bench_pool()
+    lines = pool.paired_table([tmp_path / "run"], pool.load_bench_compare())
     assert len(lines) == 3
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     assert cells[:4] == ["c=4", "101", "1.050", "1.050"]
     # TTFT is a tenth of E2E: the twin's is 0.005 * its E2E shorter
     assert float(cells[4]) == pytest.approx(5 * np.median(bare), abs=0.05)
+
+
+def test_paired_table_pairs_within_a_round_and_skips_failures(tmp_path: Path) -> None:
+    """Twins share step, round and index; a pair with a failed side or no twin is out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = []
+    for rnd, (service, bare) in enumerate([(2.0, 1.0), (3.0, 3.0)]):  # ratios 2.0, 1.0
+        for target, e2e in (("service", service), ("bare", bare)):
+            for i in range(3):
+                records.append({"target": target, "step": "qps=1", "round": rnd, "index": i,
+                                "ok": True, "ttft_s": e2e / 10, "e2e_s": e2e})
+    records[0]["ok"] = False                           # service round 0, index 0: failed
+    records.append({**records[1], "index": 7})         # service with no twin at bare
+    with open(run / "requests.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    pool = _load_bench_pool()
+    cells = [c.strip() for c in pool.paired_table([run], pool.load_bench_compare())[2].split("|")[1:-1]]
+    # 2 pairs at ratio 2.0 (round 0) and 3 at 1.0 (round 1): median 1.0, not a round mix-up
+    assert cells[:4] == ["qps=1", "5", "1.000", "1.000"]

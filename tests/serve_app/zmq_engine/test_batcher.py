@@ -118,6 +118,21 @@ def test_a_continued_request_counts_only_the_clients_prompt(batcher: Batcher) ->
     assert result.completion_tokens == 4
 
 
+def test_a_continued_request_gets_at_most_the_room_left(model_and_tokenizer) -> None:
+    """Re-tokenized, the text already sent may be longer than it was generated: the
+    continuation then ends at the context limit instead of failing."""
+    model, tokenizer = model_and_tokenizer
+    continued = chat("Hello there", max_tokens=10)
+    continued.continuation = " some text already sent"
+    with_continuation = len(tokenizer(render_prompt(tokenizer, continued),
+                                      add_special_tokens=False)["input_ids"])
+    batcher = Batcher(model, tokenizer, max_batch=1, max_model_len=with_continuation + 4)
+    result = run(batcher, {"k": continued})["k"]
+    assert result.finish_reason == "length" and result.completion_tokens == 4
+    with pytest.raises(EngineError):  # a request without continuation asking too much
+        batcher.add("k2", chat("Hello there", max_tokens=with_continuation))
+
+
 def test_stop_string_ends_the_text_before_it(batcher: Batcher) -> None:
     full = run(batcher, {"k": chat("Write some python code please", max_tokens=24)})["k"].text
     stop = full[7:11]  # four characters that usually span a token boundary

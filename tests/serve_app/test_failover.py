@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from serve_app.processes import session_members
+
 ENGINE_REPLICA = "ray::ServeReplica:hpcserve:engine-tiny"
 MAX_TOKENS = 1200  # ~2.5 s at the tiny model's c=1 speed: the kill lands mid-stream
 
@@ -38,18 +40,15 @@ def _job_sessions(home: Path) -> set[int]:
 
 
 def _engine_replicas(home: Path) -> list[int]:
-    sessions, found = _job_sessions(home), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    found = []
+    for pid in (p for sid in _job_sessions(home) for p in session_members(sid)):
         try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode()
-            # while it runs a method (health checks too) Ray retitles it ...engine-tiny.method
-            is_replica = cmd == ENGINE_REPLICA or cmd.startswith(ENGINE_REPLICA + ".")
-            if is_replica and os.getsid(int(entry)) in sessions:
-                found.append(int(entry))
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         except (OSError, UnicodeDecodeError):
             continue
+        # while it runs a method (health checks too) Ray retitles it ...engine-tiny.method
+        if cmd == ENGINE_REPLICA or cmd.startswith(ENGINE_REPLICA + "."):
+            found.append(pid)
     return found
 
 

@@ -50,15 +50,18 @@ def _cmd_control(args) -> int:
 
 
 def _cmd_deploy(args) -> int:
-    from cluster.config import load_config
-    from cluster.head import HeadInfo, deploy_serve
+    from cluster.config import ingress_mode_changes, load_config
+    from cluster.head import HeadInfo, deploy_serve, serve_status
     from cluster.service import home_dir, run_dir_of
     try:
         config = load_config(args.config)
     except ConfigError as err:
         print(f"hpcserve: {err}", file=sys.stderr)
         return 2
-    deploy_serve(HeadInfo.load(run_dir_of(home_dir(args.home))), config.serve)
+    head = HeadInfo.load(run_dir_of(home_dir(args.home)))
+    for change in ingress_mode_changes(serve_status(head), config.serve):
+        print(f"hpcserve: note: {change}", file=sys.stderr)
+    deploy_serve(head, config.serve)
     print("deployed")
     return 0
 

@@ -86,6 +86,7 @@ class ClusterConfig(_Strict):
 
 
 SERVE_BIND_HOST = "0.0.0.0"
+APP_IMPORT_PATH = "serve_app.app:build_app"
 
 
 class HpcserveConfig:
@@ -134,9 +135,37 @@ def load_config(path: str | Path | None = None) -> HpcserveConfig:
     for i, app in enumerate(apps):
         if not isinstance(app, dict) or "import_path" not in app:
             raise ConfigError(f"{source}: applications.{i}.import_path: field required")
-        if app["import_path"] == "serve_app.app:build_app":
+        if app["import_path"] == APP_IMPORT_PATH:
             try:
                 parse_app_config(app.get("args") or {}, prefix=f"applications.{i}.args")
             except ConfigError as err:
                 raise ConfigError(f"{source}: {err}") from None
     return HpcserveConfig(cluster, data, source)
+
+
+def ingress_modes(serve_config: dict[str, Any]) -> dict[str, str]:
+    """Each hpcserve app's ingress mode as ``auto`` resolves it, by app name.
+
+    Takes Serve's config dict, or the ``deployed_app_config`` entries of Serve's
+    status (same schema), so a deploy can be compared with what is running.
+    """
+    modes = {}
+    for app in serve_config.get("applications") or []:
+        if app.get("import_path") == APP_IMPORT_PATH:
+            modes[app.get("name", "default")] = parse_app_config(app.get("args") or {}).ingress_mode
+    return modes
+
+
+def ingress_mode_changes(serve_status: dict[str, Any], serve_config: dict[str, Any]) -> list[str]:
+    """Why: under ``auto`` a deploy from one model to two (or back) switches the
+    data path, and with it the overhead and whether a crash mid-stream fails over.
+    Serve applies it like any other change; the operator should hear of it."""
+    running = ingress_modes({"applications": [
+        app["deployed_app_config"]
+        for app in (serve_status.get("applications") or {}).values()
+        if app.get("deployed_app_config")]})
+    return [f"app {name!r}: ingress {running[name]} -> {mode}"
+            + (" (mid-stream failover on replica crashes is off)" if mode == "direct"
+               else " (one hop more per token; failover on replica crashes)")
+            for name, mode in ingress_modes(serve_config).items()
+            if name in running and running[name] != mode]

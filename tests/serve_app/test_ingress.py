@@ -217,8 +217,39 @@ def test_unknown_route_and_method_are_openai_shaped(stack):
 
 
 def test_service_still_serves_after_bad_inputs(stack):
-    r = stack.client().completions.create(model="tiny", prompt="ok", max_tokens=3)
+    # ignore_eos: random weights may sample EOS first (CI once got 1 of 3 tokens).
+    r = stack.client().completions.create(model="tiny", prompt="ok", max_tokens=3,
+                                          extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 3
+
+
+def test_deploy_of_the_same_config_keeps_serving_and_notes_nothing(stack):
+    """``hpcserve deploy`` end to end; a mode switch under ``auto`` is announced."""
+    import copy
+
+    from cluster.config import ingress_mode_changes
+    from cluster.head import serve_status
+
+    proc = stack.cli("deploy", "-c", str(stack.home / "config.yaml"))
+    assert proc.stdout.strip() == "deployed" and "note" not in proc.stderr
+    out = stack.client().completions.create(model="tiny", prompt="hi", max_tokens=2,
+                                            extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 2
+
+    # What `deploy` would say for other configs, against the real running status.
+    running = serve_status(stack.head)
+    auto = copy.deepcopy(stack.config)
+    args = auto["applications"][0]["args"]
+    args["ingress"] = "auto"
+    changes = ingress_mode_changes(running, auto)                 # auto, one model: direct
+    assert changes == ([] if stack.ingress_mode == "direct"
+                       else ["app 'hpcserve': ingress routed -> direct"
+                             " (mid-stream failover on replica crashes is off)"])
+    args["models"] = args["models"] + [{**args["models"][0], "name": "tiny2"}]
+    changes = ingress_mode_changes(running, auto)                 # auto, two models: routed
+    assert changes == ([] if stack.ingress_mode == "routed"
+                       else ["app 'hpcserve': ingress direct -> routed"
+                             " (one hop more per token; failover on replica crashes)"])
 
 
 def test_down_stops_everything_up_started(stack):
@@ -237,3 +268,4 @@ def test_down_stops_everything_up_started(stack):
         assert session_members(pid) == []
     status = json.loads(stack.cli("status", "--json", check=False).stdout)
     assert status == {"running": False}
+

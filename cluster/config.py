@@ -143,16 +143,22 @@ def load_config(path: str | Path | None = None) -> HpcserveConfig:
     return HpcserveConfig(cluster, data, source)
 
 
-def ingress_modes(serve_config: dict[str, Any]) -> dict[str, str]:
+def ingress_modes(apps: list[dict[str, Any]]) -> dict[str, str]:
     """Each hpcserve app's ingress mode as ``auto`` resolves it, by app name.
 
-    Takes Serve's config dict, or the ``deployed_app_config`` entries of Serve's
-    status (same schema), so a deploy can be compared with what is running.
+    Takes Serve app configs: a config file's ``applications``, or the
+    ``deployed_app_config`` entries of Serve's status (same schema).  An app whose
+    args do not validate (deployed by an older hpcserve) is left out: the mode is
+    only compared for a note, which must not stand in the way of a deploy.
     """
     modes = {}
-    for app in serve_config.get("applications") or []:
-        if app.get("import_path") == APP_IMPORT_PATH:
+    for app in apps:
+        if app.get("import_path") != APP_IMPORT_PATH:
+            continue
+        try:
             modes[app.get("name", "default")] = parse_app_config(app.get("args") or {}).ingress_mode
+        except ConfigError:
+            continue
     return modes
 
 
@@ -160,12 +166,11 @@ def ingress_mode_changes(serve_status: dict[str, Any], serve_config: dict[str, A
     """Why: under ``auto`` a deploy from one model to two (or back) switches the
     data path, and with it the overhead and whether a crash mid-stream fails over.
     Serve applies it like any other change; the operator should hear of it."""
-    running = ingress_modes({"applications": [
-        app["deployed_app_config"]
-        for app in (serve_status.get("applications") or {}).values()
-        if app.get("deployed_app_config")]})
+    running = ingress_modes([app["deployed_app_config"]
+                             for app in (serve_status.get("applications") or {}).values()
+                             if app.get("deployed_app_config")])
     return [f"app {name!r}: ingress {running[name]} -> {mode}"
             + (" (mid-stream failover on replica crashes is off)" if mode == "direct"
                else " (one hop more per token; failover on replica crashes)")
-            for name, mode in ingress_modes(serve_config).items()
+            for name, mode in ingress_modes(serve_config.get("applications") or []).items()
             if name in running and running[name] != mode]

@@ -30,6 +30,14 @@ def render_prompt(tokenizer: Any, request: GenerateRequest) -> str:
     return text + request.continuation
 
 
+def prompt_token_ids(tokenizer: Any, text: str, request: GenerateRequest) -> list[int]:
+    """``text`` (what ``render_prompt`` made of ``request``) as the engine's token ids.
+
+    A chat template already wrote any BOS; a raw prompt gets the model's own.
+    """
+    return tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
+
+
 def client_prompt_tokens(tokenizer: Any, request: GenerateRequest, prompt_ids: list[int]) -> int:
     """The prompt tokens usage reports: those of the client's prompt.
 
@@ -40,8 +48,8 @@ def client_prompt_tokens(tokenizer: Any, request: GenerateRequest, prompt_ids: l
     """
     if not request.continuation:
         return len(prompt_ids)
-    base = render_prompt(tokenizer, request.model_copy(update={"continuation": ""}))
-    return len(tokenizer(base, add_special_tokens=request.messages is None)["input_ids"])
+    base = request.model_copy(update={"continuation": ""})
+    return len(prompt_token_ids(tokenizer, render_prompt(tokenizer, base), base))
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.protocol import EngineError, GenerateRequest
-from serve_app.templating import client_prompt_tokens, render_prompt
+from serve_app.templating import client_prompt_tokens, prompt_token_ids, render_prompt
 
 # (our name, numpy dtype, Triton dtype) for ``sampling: tensors``.
 _SAMPLING_TENSORS = {"max_tokens": (np.int32, "INT32"), "temperature": (np.float32, "FP32"),
@@ -98,7 +98,7 @@ def render_request_prompt(request: GenerateRequest, tokenizer: Any, model_name: 
     except Exception as exc:  # a template that rejects the conversation
         raise EngineError(f"cannot apply the chat template: {exc}", status=400,
                           param=param, code="invalid_prompt") from exc
-    ids = tokenizer(prompt, add_special_tokens=request.messages is None)["input_ids"]
+    ids = prompt_token_ids(tokenizer, prompt, request)
     n = len(ids)
     room = (max_model_len or 0) - n
     if max_model_len and (room < 1 or (request.sampling.max_tokens or 1) > room):

@@ -34,7 +34,7 @@ from serve_app.protocol import (
     SamplingParams,
     Usage,
 )
-from serve_app.templating import client_prompt_tokens, render_prompt
+from serve_app.templating import client_prompt_tokens, prompt_token_ids, render_prompt
 from serve_app.zmq_engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
 
 Event = tuple[Hashable, GenerateDelta]
@@ -149,8 +149,7 @@ class Batcher:
         except Exception as exc:  # a template that rejects the conversation
             raise EngineError(f"cannot apply the chat template: {exc}", status=400,
                               param=param, code="invalid_prompt") from exc
-        # A chat template already wrote any BOS; a raw prompt gets the model's own.
-        ids = self.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
+        ids = prompt_token_ids(self.tokenizer, text, request)
         if not ids:
             raise EngineError("the prompt is empty", status=400, param=param, code="invalid_prompt")
         room = self.max_model_len - len(ids)

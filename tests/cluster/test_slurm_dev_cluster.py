@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 
-def test_taken_slurmd_port_fails_fast_with_the_reason(slurm_cluster) -> None:
+def test_taken_slurmd_port_fails_fast_with_the_reason(slurm_cluster, monkeypatch) -> None:
     # slurm_cluster: only to have the packages installed (and skip where they cannot
     # be); this test starts a second, separate dev cluster of the same kind.
     cluster = type(slurm_cluster)(Path(tempfile.mkdtemp(prefix="hpcslurm-")))
@@ -24,6 +24,9 @@ def test_taken_slurmd_port_fails_fast_with_the_reason(slurm_cluster) -> None:
         port = squatter.getsockname()[1]
         try:
             # An explicit port is not retried elsewhere: the failure must surface.
+            # Fast: with a 600 s wait for the node, only giving up on the dead slurmd
+            # ends it inside the 120 s the run is allowed.
+            monkeypatch.setenv("SLURM_DEV_WAIT_S", "600")
             proc = cluster.run("start", "--slurmd-port", str(port), timeout=120)
         finally:
             stopped = cluster.run("stop")

@@ -19,7 +19,7 @@ def _cmd_up(args) -> int:
         print(f"hpcserve: {err}", file=sys.stderr)
         return 2
     print(f"\nendpoint:  {head.http_url}/v1\ndashboard: {head.dashboard_url}"
-          f"\nmetrics:   http://{head.node_ip}:{head.metrics_port}/metrics (head); all nodes:"
+          f"\nmetrics:   {head.metrics_url} (head); all nodes:"
           f" Prometheus file_sd {head.prometheus_file_sd}"
           f"\nupdate:    serve deploy {home_dir(args.home)}/run/serve.yaml -a {head.dashboard_url}"
           " (RAY_AUTH_TOKEN_PATH=" + head.token_path + ")")
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_home(sub.add_parser("up", help="start head, Serve and the control loop"))
     p.add_argument("-c", "--config", help="config YAML (default: the embedded local default)")
     p.add_argument("--no-wait", action="store_true", help="return before models serve")
-    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
+                   help="wait this long for every model to serve (default 600 s)")
     p.set_defaults(func=_cmd_up)
     with_home(sub.add_parser("down", help="stop everything `up` started")).set_defaults(
         func=_cmd_down)

@@ -8,13 +8,23 @@ allocation pools.  Errors name the field (``hpcserve.pools.0.walltime_s: ...``).
 from __future__ import annotations
 
 import copy
+import ipaddress
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from cluster.providers import options_model
 from serve_app.config import ConfigError, describe_validation_error, parse_app_config
 
 ProviderKind = Literal["local", "slurm", "heappe"]
@@ -52,7 +62,8 @@ class PoolConfig(_Strict):
     num_cpus: int = Field(default=1, ge=0)
     num_gpus: int = Field(default=0, ge=0)
     resources: dict[str, float] = Field(default_factory=lambda: {"hpc_slot": 1.0})
-    provider_options: dict[str, Any] = Field(default_factory=dict)
+    provider_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "the provider's own settings, typed per provider (docs/configuration.md)"))
     worker_env: dict[str, str] = Field(default_factory=dict, description=(
         "extra environment for the worker job (e.g. HPCSERVE_NODE_IP: auto-loopback "
         "when several jobs share one machine)"))
@@ -67,9 +78,24 @@ class PoolConfig(_Strict):
             raise ValueError("warning_s must be shorter than walltime_s")
         return self
 
+    @field_validator("provider_options")
+    @classmethod
+    def _typed_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked now, so ``partion: gpu`` fails at ``hpcserve up`` naming the field,
+        not later inside the detached control loop.  The dict is kept as written."""
+        if "provider" not in info.data:
+            return value
+        # A ValidationError raised here is expanded, field by field, into the
+        # config error's lines (serve_app.config.describe_validation_error).
+        options_model(info.data["provider"]).model_validate(value)
+        return value
+
 
 class ClusterConfig(_Strict):
     head: HeadConfig = Field(default_factory=HeadConfig)
+    allow_unauthenticated: bool = Field(default=False, description=(
+        "serve beyond loopback with no API keys (`up` warns); without it a non-loopback "
+        "http_options.host needs api_keys or api_keys_file in every app's args"))
     pools: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig(name="local")])
     control_interval_s: float = Field(default=1.0, gt=0, description="control loop period "
                                       "while any allocation starts, drains or nears rotation")
@@ -85,28 +111,55 @@ class ClusterConfig(_Strict):
         return self
 
 
-SERVE_BIND_HOST = "0.0.0.0"
 APP_IMPORT_PATH = "serve_app.app:build_app"
+ALL_INTERFACES = "0.0.0.0"
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class HpcserveConfig:
-    """The parsed file: ``cluster`` (validated) and ``serve`` (Serve's config dict)."""
+    """The parsed file: ``cluster`` (validated) and ``serve`` (Serve's config dict).
 
-    def __init__(self, cluster: ClusterConfig, serve: dict[str, Any], source: str):
+    Safe by default: with no API keys, everything Serve opens binds loopback and a
+    non-loopback ``http_options.host`` is refused (``load_config``), unless the
+    operator sets ``hpcserve.allow_unauthenticated``.
+    """
+
+    def __init__(self, cluster: ClusterConfig, serve: dict[str, Any], source: str,
+                 authenticated: bool):
         self.cluster = cluster
         self.source = source
+        self.authenticated = authenticated
         http = dict(serve.get("http_options") or {})
-        self.http_host = str(http.get("host", "127.0.0.1"))
+        self.http_host = str(http.get("host", LOOPBACK))
         # Serve's HAProxy on the head sends requests to each ingress replica's own
-        # port on its node, and replicas bind `http_options.host`: anything but all
-        # interfaces leaves them unreachable at their node address, and every request
-        # silently takes the Python proxy fallback (an extra hop).  The configured
-        # host is the address clients are told to use.
-        self.serve = {**serve, "http_options": {**http, "host": SERVE_BIND_HOST}}
+        # port at its node address, and replicas (and Serve's fallback proxy) bind
+        # `http_options.host`.  Replicas on other hosts are reachable only if that is
+        # all interfaces, which is allowed only where every replica checks API keys
+        # (or the operator opted out).  Otherwise loopback: HAProxy reaches replicas on
+        # this machine's other loopback addresses at 127.0.0.1 (cluster.haproxy_guard),
+        # and HAProxy's client frontend is moved to the configured host either way.
+        open_binds = authenticated or cluster.allow_unauthenticated
+        self.serve_bind_host = ALL_INTERFACES if open_binds else LOOPBACK
+        self.serve = {**serve, "http_options": {**http, "host": self.serve_bind_host}}
 
     @property
     def http_port(self) -> int:
         return int(self.serve.get("http_options", {}).get("port", 8100))
+
+    def warnings(self) -> list[str]:
+        """What ``up`` must say out loud."""
+        if self.cluster.allow_unauthenticated and not self.authenticated:
+            return [f"allow_unauthenticated: the API on {self.http_host}:{self.http_port} "
+                    "and Serve's replica ports on every interface answer anyone who can "
+                    "reach them, with no API key"]
+        return []
 
 
 def default_config_text() -> str:
@@ -132,15 +185,28 @@ def load_config(path: str | Path | None = None) -> HpcserveConfig:
     apps = data.get("applications")
     if not isinstance(apps, list) or not apps:
         raise ConfigError(f"{source}: applications: a non-empty list is required")
+    authenticated = True
     for i, app in enumerate(apps):
         if not isinstance(app, dict) or "import_path" not in app:
             raise ConfigError(f"{source}: applications.{i}.import_path: field required")
-        if app["import_path"] == APP_IMPORT_PATH:
-            try:
-                parse_app_config(app.get("args") or {}, prefix=f"applications.{i}.args")
-            except ConfigError as err:
-                raise ConfigError(f"{source}: {err}") from None
-    return HpcserveConfig(cluster, data, source)
+        if app["import_path"] != APP_IMPORT_PATH:
+            authenticated = False  # an app of someone else's: we cannot tell
+            continue
+        try:
+            args = parse_app_config(app.get("args") or {}, prefix=f"applications.{i}.args")
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        authenticated &= bool(args.api_keys or args.api_keys_file)
+    http = data.get("http_options") or {}
+    if not isinstance(http, dict):
+        raise ConfigError(f"{source}: http_options: a mapping is expected")
+    host = str(http.get("host", LOOPBACK))
+    if not (is_loopback(host) or authenticated or cluster.allow_unauthenticated):
+        raise ConfigError(
+            f"{source}: http_options.host: {host!r} serves beyond this machine, and no API "
+            "key is configured: set applications[].args.api_keys or api_keys_file, or "
+            "hpcserve.allow_unauthenticated: true to serve without keys")
+    return HpcserveConfig(cluster, data, source, authenticated)
 
 
 def ingress_modes(apps: list[dict[str, Any]]) -> dict[str, str]:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from cluster.config import HeadConfig, HpcserveConfig
+from cluster import haproxy_guard
+from cluster.config import HeadConfig, HpcserveConfig, is_loopback
 from cluster.node_ports import node_port_args
 from cluster.ports import free_ports
 from serve_app.processes import stop_process_group
@@ -107,6 +108,13 @@ class HeadInfo:
     def load(cls, run_dir: Path) -> "HeadInfo":
         return cls(**json.loads((run_dir / "head.json").read_text()))
 
+    @property
+    def metrics_url(self) -> str:
+        """The head's Prometheus endpoint.  Ray binds a node's metrics port at 127.0.0.1
+        when its address is a loopback one (127.0.0.2 included), else all interfaces."""
+        host = "127.0.0.1" if is_loopback(self.node_ip) else self.node_ip
+        return f"http://{host}:{self.metrics_port}/metrics"
+
     def auth_headers(self) -> dict[str, str]:
         if self.env.get("RAY_AUTH_MODE") != "token":
             return {}
@@ -136,15 +144,24 @@ def start_head(config: HpcserveConfig, run_dir: Path, token_path: Path,
     if cfg.auth == "token":
         ensure_token(token_path)
     # Ray's and HAProxy's socket paths must stay short: keep them directly under /tmp.
+    # 0700: Ray's sockets and HAProxy's admin socket live in it (other users of a
+    # login node have no business there; /tmp/haproxy-serve was world-writable).
     temp_dir = Path(f"/tmp/hpcs-{os.getuid()}-{secrets.token_hex(3)}")
-    (temp_dir / "h").mkdir(parents=True)
+    temp_dir.mkdir(mode=0o700)
+    (temp_dir / "h").mkdir(mode=0o700)
     env = ray_environment(cfg, token_path, temp_dir / "h")
-    node_args, node_env = node_port_args(cfg.node_ip)
+    env.update({"RAY_SERVE_HAPROXY_BINARY_PATH": str(haproxy_guard.install(temp_dir / "h")),
+                "HPCSERVE_HTTP_HOST": config.http_host,
+                "HPCSERVE_SERVE_BIND_HOST": config.serve_bind_host})
+    node_args, node_env = node_port_args(cfg.node_ip, cfg.metrics_export_port)
     env.update(node_env)
     gcs_port, dash_port = cfg.gcs_port or free_ports(1)[0], cfg.dashboard_port or free_ports(1)[0]
-    client_port = free_ports(1)[0]
-    metrics_port = cfg.metrics_export_port or int(node_args[5].split("=")[1])
-    node_args[5] = f"--metrics-export-port={metrics_port}"
+    client_port, dash_metrics, autoscaler_metrics = free_ports(3)
+    # Ray's defaults are fixed (44227, 44217): a second head on the machine collided.
+    env.update({"DASHBOARD_METRIC_PORT": str(dash_metrics),
+                "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics)})
+    metrics_port = int(next(a for a in node_args
+                            if a.startswith("--metrics-export-port=")).split("=")[1])
     cmd = [RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=0",
            '--resources={"serve_head": 1}', "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash_port}", f"--ray-client-server-port={client_port}",

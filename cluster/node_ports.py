@@ -14,14 +14,18 @@ import sys
 from cluster.ports import free_port_range, free_ports
 
 
-def node_port_args(ip: str) -> tuple[list[str], dict[str, str]]:
-    """(``ray start`` arguments, environment overrides) for a node at ``ip``."""
+def node_port_args(ip: str, metrics_port: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """(``ray start`` arguments, environment overrides) for a node at ``ip``.
+
+    ``metrics_port``: a fixed Prometheus port for this node (the head's may be set
+    in the config so a scraper can be pointed at it); default a free one.
+    """
     p = free_ports(10)
     lo, hi = free_port_range(200)
     args = [f"--node-ip-address={ip}", f"--node-manager-port={p[0]}",
             f"--object-manager-port={p[1]}", f"--dashboard-agent-listen-port={p[2]}",
             f"--dashboard-agent-grpc-port={p[3]}", f"--runtime-env-agent-port={p[4]}",
-            f"--metrics-export-port={p[5]}", f"--min-worker-port={lo}",
+            f"--metrics-export-port={metrics_port or p[5]}", f"--min-worker-port={lo}",
             f"--max-worker-port={lo + 149}"]
     env = {"RAY_SERVE_HAPROXY_METRICS_PORT": str(p[6]),
            "RAY_SERVE_HAPROXY_STATS_PORT": str(p[7]),

@@ -61,6 +61,8 @@ def up(config_path: str | None, home: Path, wait: bool = True, timeout_s: float 
         Path(config_path).read_text() if config_path else default_config_text())
     (run_dir / "serve.yaml").write_text(yaml.safe_dump(config.serve, sort_keys=False))
     progress(f"config: {config.source}")
+    for warning in config.warnings():
+        progress(f"WARNING: {warning}")
     _prebuild_models(config)
     head = start_head(config, run_dir, home / "auth_token")
     progress(f"ray head up ({time.monotonic() - t0:.1f}s): gcs {head.gcs_address}, "

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from cluster.config import load_config
 from cluster.head import HeadInfo, serve_status
+from cluster.listening import listeners
 from cluster.service import run_dir_of
 from cluster.state import StateStore
 from serve_app.processes import pid_alive
@@ -42,6 +44,11 @@ def collect(home: Path) -> dict:
                               "node_id": (r.get("node_id") or "")[:12]}
                              for r in dep.get("replicas") or []]}
         out["applications"][name] = {"status": app.get("status"), "deployments": deployments}
+    try:
+        authenticated = load_config(run_dir / "config.yaml").authenticated
+    except Exception:  # a config edited since `up`: say so rather than guess
+        authenticated = False
+    out["ports"] = [item.as_dict() for item in listeners(run_dir, head, authenticated)]
     out["events"] = [f"{time.strftime('%H:%M:%S', time.localtime(t))} {alloc} {msg}"
                      for t, _, alloc, msg in store.events(10)]
     return out
@@ -63,6 +70,10 @@ def render(s: dict) -> str:
         for dep, d in info["deployments"].items():
             where = ", ".join(f"{r['state']}@{r['node_ip']}" for r in d["replicas"]) or "-"
             lines.append(f"  {dep:24} {d['status']:10} {where}")
+    if s.get("ports"):
+        lines += ["", f"{'LISTENING ON':24} {'ROLE':50} {'CLIENTS NEED':22} REACHABLE FROM"]
+        lines += [f"{p['host'] + ':' + str(p['port']):24} {p['role']:50} {p['auth']:22} "
+                  f"{p['reach']}" for p in s["ports"]]
     if s.get("events"):
         lines += ["", "recent events:"] + [f"  {e}" for e in s["events"]]
     return "\n".join(lines)

@@ -142,12 +142,23 @@ class ConfigError(ValueError):
     """A config problem, with the dotted path of the offending field."""
 
 
-def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
+def _error_lines(err: ValidationError, prefix: tuple) -> list[str]:
     lines = []
     for e in err.errors(include_url=False):
-        where = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        loc = (*prefix, *e["loc"])
+        nested = (e.get("ctx") or {}).get("error")
+        if isinstance(nested, ValidationError):  # a validator that validated a sub-model
+            lines += _error_lines(nested, loc)
+            continue
+        where = ".".join(str(p) for p in loc if p != "")
         lines.append(f"{where or '<root>'}: {e['msg']}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return lines
+
+
+def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each starting with the dotted path of its field
+    (a sub-model a validator checked, e.g. provider options, included)."""
+    return "invalid config:\n  " + "\n  ".join(_error_lines(err, (prefix,)))
 
 
 def parse_app_config(args: dict[str, Any], prefix: str = "args") -> AppConfig:

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
 from py4heappe.heappe_v6 import core as hp
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from cluster.providers.base import (
     JobInfo,
@@ -66,9 +66,9 @@ _STATE_MAP: dict[int, JobState] = {
     256: JobState.UNKNOWN}
 
 
-@dataclass
-class HeappeConfig:
-    """Site settings; ids come from the centre's HEAppE (ClusterInformation API).
+class HeappeConfig(BaseModel):
+    """Site settings (a pool's ``provider_options``); ids come from the centre's HEAppE
+    (ClusterInformation API).
 
     Authentication: ``username`` with ``password``/``password_env``, or an
     OpenID access token (``token_kind="openid"``) or LEXIS token
@@ -76,39 +76,40 @@ class HeappeConfig:
     file are re-read at each authentication, so an external refresher works.
     """
 
-    base_url: str                       # e.g. https://heappe.example.org (paths start /heappe/)
-    cluster_id: int
-    project_id: int
-    command_template_id: int
-    cluster_node_type_id: int
-    file_transfer_method_id: int
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(description="e.g. https://heappe.example.org (paths start /heappe/)")
+    cluster_id: StrictInt = Field(description="HEAppE ClusterId")
+    project_id: StrictInt = Field(description="HEAppE ProjectId (accounting)")
+    command_template_id: StrictInt = Field(description="the registered worker template")
+    cluster_node_type_id: StrictInt = Field(description="HEAppE ClusterNodeTypeId (queue)")
+    file_transfer_method_id: StrictInt = Field(description="HEAppE FileTransferMethodId")
     username: str | None = None
-    password: str | None = None
-    password_env: str | None = None
+    password: str | None = Field(default=None, description="prefer password_env")
+    password_env: str | None = Field(default=None, description="env variable with the password")
     access_token: str | None = None
     access_token_env: str | None = None
     access_token_file: str | None = None
-    token_kind: str = "openid"          # "openid" | "lexis"
-    sub_project: str | None = None      # SubProjectIdentifier (accounting below the project)
-    min_cores: int | None = None        # default: spec.num_cpus
+    token_kind: str = Field(default="openid", description="'openid' or 'lexis'")
+    sub_project: str | None = Field(default=None, description=(
+        "SubProjectIdentifier (accounting below the project)"))
+    min_cores: int | None = Field(default=None, description="default: the pool's num_cpus")
     max_cores: int | None = None
     job_name_prefix: str = "hpcserve"
-    send_token: bool = True             # False: the template supplies the Ray token itself
-    extra_template_parameters: dict[str, str] = field(default_factory=dict)
+    send_token: bool = Field(default=True, description=(
+        "False: the template supplies the Ray token itself"))
+    extra_template_parameters: dict[str, str] = Field(default_factory=dict)
     connect_timeout_s: float = 10.0
     request_timeout_s: float = 30.0
     verify_ssl: bool = True
     ssl_ca_cert: str | None = None
 
-    def __post_init__(self) -> None:
-        ids = ("cluster_id", "project_id", "command_template_id", "cluster_node_type_id",
-               "file_transfer_method_id")
-        bad = [n for n in ids if type(getattr(self, n)) is not int]
+    @model_validator(mode="after")
+    def _check(self) -> "HeappeConfig":
         has_password = bool(self.username and (self.password is not None or self.password_env))
         has_token = bool(self.access_token or self.access_token_env or self.access_token_file)
         problems = [
             (not re.match(r"^https?://", self.base_url or ""), "base_url: an http(s) URL"),
-            (bool(bad), f"{', '.join(bad)}: integer ids from the centre's HEAppE"),
             (has_password == has_token, "username with password/password_env, or one of "
              "access_token/access_token_env/access_token_file (exactly one way)"),
             (self.token_kind not in ("openid", "lexis"), "token_kind: 'openid' or 'lexis'"),
@@ -120,11 +121,12 @@ class HeappeConfig:
         wrong = [what for failed, what in problems if failed]
         if wrong:
             raise ValueError("heappe provider options: expected " + "; ".join(wrong))
+        return self
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> HeappeConfig:
         """Build from a pool's ``provider_options``; unknown keys are named in the error."""
-        known = {f.name for f in fields(cls)}
+        known = set(cls.model_fields)
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"heappe provider_options: unknown field(s) {unknown}; "

@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from cluster.providers.base import (
     JobInfo,
     JobState,
@@ -29,6 +31,23 @@ from cluster.providers.base import (
 from serve_app.processes import pid_alive
 
 DEFAULT_SCRIPT = Path(__file__).resolve().parent.parent / "worker_job.sh"
+
+
+class LocalOptions(BaseModel):
+    """A local pool's ``provider_options``: all optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs_dir: str | None = Field(default=None, description=(
+        "job directories (state, logs); default RUN_DIR/jobs/POOL"))
+    job_script: str = Field(default=str(DEFAULT_SCRIPT), description="the worker job script")
+    queue_delay_s: float = Field(default=0.0, ge=0, description=(
+        "pretend queue wait before a job starts (tests, demos)"))
+    kill_grace_s: float = Field(default=10.0, ge=0, description=(
+        "SIGTERM to SIGKILL at the wall-time, as SLURM's KillWait"))
+    node_ip_base: str = Field(default="127.0.0", description=(
+        "each job advertises its own loopback address BASE.N"))
+    first_host: int = Field(default=10, ge=2, le=249, description="the first N of BASE.N")
 
 
 class LocalProvider(Provider):

@@ -32,8 +32,9 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.providers.base import (
     JobInfo,
@@ -102,27 +103,35 @@ class SlurmRejected(ProviderError):
     retryable = False
 
 
-@dataclass
-class SlurmConfig:
-    """Site settings for worker jobs; each maps to one sbatch option.
+class SlurmConfig(BaseModel):
+    """Site settings for worker jobs (a pool's ``provider_options``); each maps to one
+    sbatch option.  Unknown keys are refused when the config is loaded.
 
-    ``output_dir`` must be visible on compute nodes (a shared filesystem);
-    ``slurm_conf`` is exported as SLURM_CONF to every SLURM command (a private
-    or non-default cluster); ``extra_args`` are appended verbatim to sbatch
-    (never put secrets there: they are visible in ``ps``).
+    ``output_dir`` must be visible on compute nodes (a shared filesystem).
     """
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gres: str | None = None              # e.g. "gpu:a100:1"; default gpu:<spec.num_gpus>
-    job_name_prefix: str = "hpcserve"
-    output_dir: str = "~/.hpcserve/slurm"
-    extra_args: list[str] = field(default_factory=list)
-    slurm_conf: str | None = None
-    slurm_bin_dir: str | None = None     # where sbatch/squeue live, if not on PATH
-    command_timeout_s: float = 30.0
-    adopt_existing: bool = True          # reuse a live job with the same name on submit
+    model_config = ConfigDict(extra="forbid")
+
+    partition: str | None = Field(default=None, description="sbatch --partition")
+    account: str | None = Field(default=None, description="sbatch --account")
+    qos: str | None = Field(default=None, description="sbatch --qos")
+    gres: str | None = Field(default=None, description=(
+        "sbatch --gres, e.g. gpu:a100:1; default gpu:<num_gpus> when the pool asks for GPUs"))
+    job_name_prefix: str = Field(default="hpcserve", description="job names start with this")
+    output_dir: str = Field(default="~/.hpcserve/slurm", description=(
+        "job stdout/stderr (created 0700); must exist on the compute nodes too"))
+    extra_args: list[str] = Field(default_factory=list, description=(
+        "appended verbatim to sbatch; never put secrets here (visible in ps)"))
+    slurm_conf: str | None = Field(default=None, description=(
+        "exported as SLURM_CONF to every SLURM command (a non-default cluster)"))
+    slurm_bin_dir: str | None = Field(default=None, description=(
+        "where sbatch/squeue/scancel live, if not on PATH"))
+    command_timeout_s: float = Field(default=30.0, gt=0, description=(
+        "timeout of each SLURM command; an unreachable controller is retried later"))
+    adopt_existing: bool = Field(default=True, description=(
+        "on submit, reuse a live job with the same name (a restarted head)"))
+    job_script: str | None = Field(default=None, description=(
+        "the worker job script; default: hpcserve's cluster/worker_job.sh"))
 
 
 class SlurmProvider(Provider):
@@ -133,6 +142,7 @@ class SlurmProvider(Provider):
     def __init__(self, config: SlurmConfig | None = None,
                  job_script: str | os.PathLike[str] | None = None) -> None:
         self.config = config or SlurmConfig()
+        job_script = job_script or self.config.job_script
         self.job_script = Path(job_script) if job_script else DEFAULT_JOB_SCRIPT
         if not self.job_script.is_file():
             raise ValueError(f"SLURM job_script {self.job_script} does not exist")

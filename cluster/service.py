@@ -144,7 +144,7 @@ def down(home: Path, progress=print) -> None:
     if (run_dir / "state.db").exists():
         _cancel_allocations(run_dir, progress)
     stop_session(head.pid)  # the head's group and strays like Serve's HAProxy
-    shutil.rmtree(head.temp_dir, ignore_errors=True)
+    shutil.rmtree(head.private_dir or head.temp_dir, ignore_errors=True)
     (run_dir / "head.json").rename(run_dir / "head.stopped.json")
     progress(f"ray head {head.pid} stopped")
 

@@ -18,6 +18,10 @@ def _cmd_up(args) -> int:
     except ConfigError as err:
         print(f"hpcserve: {err}", file=sys.stderr)
         return 2
+    except TimeoutError as err:
+        print(f"hpcserve: {err}\nThe service keeps starting: `hpcserve status` shows where it "
+              "is, `hpcserve down` stops it.", file=sys.stderr)
+        return 1
     print(f"\nendpoint:  {head.http_url}/v1\ndashboard: {head.dashboard_url}"
           f"\nmetrics:   {head.metrics_url} (head); all nodes:"
           f" Prometheus file_sd {head.prometheus_file_sd}"

@@ -147,11 +147,10 @@ class HpcserveConfig:
         # and HAProxy's client frontend is moved to the configured host either way.
         open_binds = authenticated or cluster.allow_unauthenticated
         self.serve_bind_host = ALL_INTERFACES if open_binds else LOOPBACK
-        self.serve = {**serve, "http_options": {**http, "host": self.serve_bind_host}}
-
-    @property
-    def http_port(self) -> int:
-        return int(self.serve.get("http_options", {}).get("port", 8100))
+        # The port hpcserve reports is the one Serve gets (Serve's own default is 8000).
+        self.http_port = int(http.get("port", 8100))
+        self.serve = {**serve, "http_options": {**http, "host": self.serve_bind_host,
+                                                "port": self.http_port}}
 
     def warnings(self) -> list[str]:
         """What ``up`` must say out loud."""

@@ -64,8 +64,12 @@ def _json_object(text: str) -> dict[str, Any]:
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     env_key = os.environ.get("HPCSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     t = p.add_argument_group("targets")
-    t.add_argument("--url", required=True, help="base URL of the endpoint, e.g. http://127.0.0.1:8000/v1")
-    t.add_argument("--model", required=True, help="model name sent in requests")
+    t.add_argument("--url", help="base URL of the endpoint, e.g. http://127.0.0.1:8000/v1 "
+                   "(default: the running hpcserve's, see --home)")
+    t.add_argument("--model", help="model name sent in requests (default: the running "
+                   "hpcserve's first model)")
+    t.add_argument("--home", help="state directory of the running hpcserve whose endpoint "
+                   "and model are the defaults (default $HPCSERVE_HOME or ~/.hpcserve)")
     t.add_argument("--api-key", default=env_key, help="bearer token (default: $HPCSERVE_API_KEY or $OPENAI_API_KEY)")
     t.add_argument("--name", default="service", help="label of --url in reports (default: service)")
     t.add_argument("--compare-url", help="second endpoint (e.g. the bare engine) measured in the same run")
@@ -134,7 +138,31 @@ def _validate(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _running_service(home: str | None) -> tuple[str | None, str | None]:
+    """(endpoint URL, first model) of the hpcserve running from ``home``, if any."""
+    from cluster.config import load_config
+    from cluster.head import HeadInfo
+    from cluster.service import home_dir, run_dir_of
+    run_dir = run_dir_of(home_dir(home))
+    if not (run_dir / "head.json").exists():
+        return None, None
+    url = HeadInfo.load(run_dir).http_url + "/v1"
+    try:
+        apps = load_config(run_dir / "config.yaml").serve.get("applications") or []
+        models = [m["name"] for a in apps for m in (a.get("args") or {}).get("models", [])]
+    except Exception:  # an unreadable config: the URL is still right
+        models = []
+    return url, (models[0] if models else None)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    if not args.url or not args.model:
+        url, model = _running_service(args.home)
+        args.url, args.model = args.url or url, args.model or model
+        if not args.url or not args.model:
+            print("hpcserve bench: error: give --url and --model (no running hpcserve found "
+                  "to take them from)", file=sys.stderr)
+            return 2
     error = _validate(args)
     if error:
         print(f"hpcserve bench: error: {error}", file=sys.stderr)

@@ -79,3 +79,31 @@ def test_cli_dead_endpoint_exits_1(closed_port: int, tmp_path: Path, capsys: pyt
     rc = main(["--url", f"http://127.0.0.1:{closed_port}/v1", "--model", "m", "--concurrency", "1",
                "--requests", "1", "--out", str(tmp_path), "--no-progress"])
     assert rc == 1 and "every warmup request failed" in capsys.readouterr().err
+
+
+def test_cli_defaults_url_and_model_to_the_running_service(
+        fake_server: Callable[..., Any], tmp_path: Path) -> None:
+    """`hpcserve bench` with no --url/--model measures the service `up` started from --home."""
+    srv = fake_server(chunks=4, first_delay=0.0, chunk_delay=0.0)
+    run_dir = tmp_path / "home" / "run"
+    run_dir.mkdir(parents=True)
+    base = srv.url.removesuffix("/v1")
+    (run_dir / "head.json").write_text(json.dumps({
+        "pid": 1, "node_ip": "127.0.0.2", "gcs_address": "127.0.0.2:1", "dashboard_url": "x",
+        "metrics_port": 1, "http_url": base, "temp_dir": "x", "token_path": "x"}))
+    (run_dir / "config.yaml").write_text(
+        "applications:\n- name: a\n  import_path: serve_app.app:build_app\n"
+        "  args: {models: [{name: first-model}, {name: second}]}\n")
+    out = tmp_path / "run"
+    rc = main(["--home", str(tmp_path / "home"), "--concurrency", "1", "--requests", "2",
+               "--warmup", "0", "--out", str(out), "--no-progress", "--no-plots"])
+    assert rc == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["steps"][0]["results"]["service"]["ok"] == 2
+    assert {t["url"]: t["model"] for t in report["targets"]} == {srv.url: "first-model"}
+
+
+def test_cli_without_url_or_a_running_service_says_what_to_give(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--home", str(tmp_path), "--concurrency", "1"]) == 2
+    assert "give --url and --model" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from serve_app.protocol import (
 )
 from serve_app.templating import client_prompt_tokens, prompt_token_ids, render_prompt
 from serve_app.zmq_engine.detokenizer import IncrementalDetokenizer, StopStringBuffer
+from serve_app.zmq_engine.sampling import LogitsAdjuster, sample
 
 Event = tuple[Hashable, GenerateDelta]
 
@@ -54,6 +55,8 @@ class _Sequence:
     num_cached: int = 0  # tokens of this row in the KV cache = position of the next one
     finish_reason: str | None = None
     client_prompt_tokens: int = 0  # prompt_ids without a failed-over stream's continuation
+    adjust: LogitsAdjuster | None = None  # penalties / logit bias, if the request has any
+    reported: bool = False  # a delta went out (the first one carries the prompt's usage)
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.client_prompt_tokens,
@@ -84,6 +87,14 @@ def context_length(config: Any) -> int:
     raise ValueError("cannot tell the model's context length; pass max_model_len")
 
 
+def vocab_size(model: Any) -> int:
+    """Token ids the model scores (the logits' width), as vLLM's ``get_vocab_size``."""
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(config, "vocab_size", None)
+    return size if isinstance(size, int) else model.get_output_embeddings().weight.shape[0]
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
@@ -94,20 +105,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(v for v in value if isinstance(v, int))
     return ids
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from a row of logits: greedy at temperature 0, else nucleus sampling."""
-    temperature = 1.0 if params.temperature is None else params.temperature
-    top_p = 1.0 if params.top_p is None else params.top_p
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the top one
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Batcher:
@@ -121,6 +118,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_model_len = min(max_model_len or context_length(model.config),
                                  context_length(model.config))
+        self.vocab_size = vocab_size(model)
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer)
         self._device = next(model.parameters()).device
         self._rng = torch.Generator()
@@ -143,6 +141,7 @@ class Batcher:
                               status=400, param="request_id", code="duplicate_request_id")
         params = request.sampling
         _check_sampling(params)
+        adjust = LogitsAdjuster.from_options(request.extras, self.vocab_size, self._device)
         param = "messages" if request.messages is not None else "prompt"
         try:
             text = render_prompt(self.tokenizer, request)
@@ -173,7 +172,7 @@ class Batcher:
             key=key, prompt_ids=ids, sampling=params,
             max_tokens=max_tokens if max_tokens is not None else room,
             generator=generator, detok=IncrementalDetokenizer(self.tokenizer, ids),
-            text=StopStringBuffer(params.stop),
+            text=StopStringBuffer(params.stop), adjust=adjust,
             client_prompt_tokens=client_prompt_tokens(self.tokenizer, request, ids)))
 
     def abort(self, key: Hashable) -> list[Event]:
@@ -223,8 +222,7 @@ class Batcher:
         with self._stats.lock:
             self._stats.prefills += 1
             self._stats.prompt_tokens += len(seq.prompt_ids)
-        token = sample(out.logits[0, -1].float(), seq.sampling, seq.generator)
-        self._accept(seq, token, events)
+        self._accept(seq, self._sample(seq, out.logits[0, -1].float()), events)
         if seq.finish_reason is None:
             self._join(seq, cache)
 
@@ -242,8 +240,17 @@ class Batcher:
             self._stats.decode_steps_by_batch_size[rows] += 1
         for row, seq in enumerate(self._running):
             seq.num_cached += 1
-            self._accept(seq, sample(logits[row], seq.sampling, seq.generator), events)
+            self._accept(seq, self._sample(seq, logits[row]), events)
         self._drop_finished()
+
+    @staticmethod
+    def _sample(seq: _Sequence, logits: torch.Tensor) -> int:
+        if seq.adjust is not None:
+            logits = seq.adjust(logits)
+        token = sample(logits, seq.sampling, seq.generator)
+        if seq.adjust is not None:
+            seq.adjust.record(token)
+        return token
 
     def _accept(self, seq: _Sequence, token: int, events: list[Event]) -> None:
         """Record a generated token, decide whether the request is done, emit text."""
@@ -260,10 +267,12 @@ class Batcher:
             finish = "stop"  # the held-back tail completed a stop string
         text = seq.text.take(final=finish is not None)
         if text or finish:
+            # The first delta carries the usage so far too (its prompt tokens), so a
+            # client that asked for usage on every chunk has it from the start.
             events.append((seq.key, GenerateDelta(
                 text=text, num_tokens=seq.unsent_tokens, finish_reason=finish,
-                usage=seq.usage() if finish else None)))
-            seq.unsent_tokens = 0
+                usage=seq.usage() if finish or not seq.reported else None)))
+            seq.unsent_tokens, seq.reported = 0, True
         seq.finish_reason = finish
         with self._stats.lock:
             self._stats.tokens_generated += 1

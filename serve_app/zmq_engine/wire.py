@@ -23,7 +23,10 @@ Client → engine
     rendered prompt; only text after it is generated.  ``sampling`` is a map:
     ``max_tokens`` (int or nil = up to the context), ``temperature`` (0 = greedy, nil = 1.0),
     ``top_p``, ``seed`` (int or nil), ``stop`` (list of strings; the stream ends
-    before the first occurrence and nothing after it is sent), ``ignore_eos`` (bool).
+    before the first occurrence and nothing after it is sent), ``ignore_eos`` (bool),
+    and optionally (OpenAI's semantics, over the generated tokens; nil or absent = none)
+    ``presence_penalty`` and ``frequency_penalty`` (numbers in [-2, 2]) and
+    ``logit_bias`` (map of token id as a decimal string to a number in [-100, 100]).
 ``abort``    ``{type, request_id}``: stop generating and free the request.  The engine
     answers with a final ``delta`` whose ``finish_reason`` is ``"abort"`` if the
     request was still known; aborting an unknown id is not an error.
@@ -59,6 +62,8 @@ import msgpack
 from serve_app.protocol import GenerateDelta, GenerateRequest, Usage
 
 PROTOCOL_VERSION = 1
+# Optional ``sampling`` entries that are ``GenerateRequest.extras`` inside hpcserve.
+OPTIONS = ("presence_penalty", "frequency_penalty", "logit_bias")
 
 SUBMIT = "submit"
 ABORT = "abort"
@@ -93,6 +98,7 @@ def decode(frame: bytes) -> dict[str, Any]:
 def submit_message(request: GenerateRequest) -> dict[str, Any]:
     """The ``submit`` frame for a request (templating is left to the engine)."""
     s = request.sampling
+    options = {k: request.extras[k] for k in OPTIONS if request.extras.get(k) is not None}
     return {
         "type": SUBMIT,
         "request_id": request.request_id,
@@ -103,21 +109,30 @@ def submit_message(request: GenerateRequest) -> dict[str, Any]:
         ),
         "sampling": {
             "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-            "seed": s.seed, "stop": list(s.stop), "ignore_eos": s.ignore_eos,
+            "seed": s.seed, "stop": list(s.stop), "ignore_eos": s.ignore_eos, **options,
         },
         "continuation": request.continuation,
     }
 
 
 def request_from_submit(message: dict[str, Any], model: str) -> GenerateRequest:
-    """Validate a ``submit`` frame into the internal request (raises pydantic errors)."""
+    """Validate a ``submit`` frame into the internal request (raises pydantic errors).
+
+    Penalties and logit bias travel in ``sampling`` on the wire and in ``extras``
+    inside hpcserve (the batcher validates them)."""
+    sampling = message.get("sampling") or {}
+    extras = {}
+    if isinstance(sampling, dict):
+        extras = {k: sampling[k] for k in OPTIONS if sampling.get(k) is not None}
+        sampling = {k: v for k, v in sampling.items() if k not in OPTIONS}
     return GenerateRequest(
         request_id=str(message.get("request_id")),
         model=model,
         prompt=message.get("prompt"),
         messages=message.get("messages"),
-        sampling=message.get("sampling") or {},
+        sampling=sampling,
         continuation=message.get("continuation") or "",
+        extras=extras,
     )
 
 

@@ -38,6 +38,18 @@ def default_config(models: list[dict] | None = None, pool: dict | None = None,
     }
 
 
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine that other hosts could reach, if it has one."""
+    import socket
+
+    import psutil
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return None
+
+
 class Stack:
     def __init__(self, home: Path, config: dict, env: dict[str, str]):
         self.home, self.config, self.env = home, config, env

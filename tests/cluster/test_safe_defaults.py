@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import threading
 import time
@@ -24,6 +23,7 @@ import pytest
 
 from cluster.head import HeadInfo
 from cluster.listening import listeners
+from tests.conftest import non_loopback_address
 
 SERVE_ROLES = ("OpenAI API", "HAProxy", "Serve ", "hpcserve")
 
@@ -33,14 +33,6 @@ def stack(hpcserve_stack):
     s = hpcserve_stack(name="safe-defaults")
     yield s
     s.down()
-
-
-def _non_loopback_address() -> str | None:
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family == socket.AF_INET and not a.address.startswith("127."):
-                return a.address
-    return None
 
 
 def _serve_listeners(stack):
@@ -57,7 +49,7 @@ def test_no_serve_or_hpcserve_socket_listens_beyond_loopback(stack):
             "Serve replica: direct-ingress HTTP", "hpcserve ZMQ engine"} <= roles, roles
     exposed = [item for item in found if item.reach != "this machine"]
     assert not exposed, exposed
-    address = _non_loopback_address()
+    address = non_loopback_address()
     if address:  # and from the outside, the API port is closed
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://{address}:{stack.port}/v1/models", timeout=5)

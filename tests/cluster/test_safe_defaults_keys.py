@@ -4,31 +4,21 @@ fallback proxy) refuses a request without the key."""
 
 from __future__ import annotations
 
-import socket
 
 import httpx
-import psutil
 import pytest
 
 from cluster.listening import listeners
-from tests.conftest import default_config
+from tests.conftest import default_config, non_loopback_address
 
 KEY = "sk-test-safe-defaults"
 API_ROLES = ("OpenAI API (Serve's HAProxy)", "Serve replica: direct-ingress HTTP",
              "Serve fallback proxy (HTTP)")
 
 
-def _non_loopback_address() -> str | None:
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family == socket.AF_INET and not a.address.startswith("127."):
-                return a.address
-    return None
-
-
 @pytest.fixture(scope="module")
 def stack(hpcserve_stack):
-    address = _non_loopback_address()
+    address = non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
     cfg_args = {"api_keys": [KEY]}

@@ -209,7 +209,9 @@ class Batcher:
         """Admit waiting requests (prefill), then one decode step for the batch."""
         events: list[Event] = []
         while self._waiting and len(self._running) < self.max_batch:
-            self._prefill(self._waiting.popleft(), events)
+            # Left in the queue until prefilled: if this step fails, fail_all answers it.
+            self._prefill(self._waiting[0], events)
+            self._waiting.popleft()
         if self._running:
             self._decode(events)
         return events

@@ -21,16 +21,21 @@ import torch
 from serve_app.protocol import EngineError, SamplingParams
 
 
+# Temperatures below this are greedy, as in vLLM (dividing by 1e-300 overflows to inf).
+GREEDY_BELOW = 1e-5
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from a row of logits: greedy at temperature 0, else nucleus sampling."""
     temperature = 1.0 if params.temperature is None else params.temperature
     top_p = 1.0 if params.top_p is None else params.top_p
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the top one
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p
+        keep[0] = True  # the top token, however small top_p is (5e-324 is 0 in float32)
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -189,6 +189,20 @@ def test_abort_frees_the_row_and_the_rest_continue(batcher: Batcher) -> None:
     assert batcher.stats()["requests_aborted"] == 1
 
 
+def test_a_step_that_fails_in_prefill_leaves_the_request_for_fail_all(batcher: Batcher) -> None:
+    """The server answers fail_all()'s keys with an error; a request lost in between
+    would hang its client (schemathesis found one through a sampler error)."""
+    batcher.add("a", chat("Hello there", max_tokens=4))
+    model = batcher.model
+    batcher.model = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            batcher.step()
+    finally:
+        batcher.model = model
+    assert batcher.fail_all() == ["a"] and not batcher.has_work()
+
+
 def test_incremental_detokenizer_never_splits_a_character(model_and_tokenizer) -> None:
     _, tokenizer = model_and_tokenizer
     text = "naïve café — 日本語 🙂 done"

@@ -13,7 +13,7 @@ from serve_app.protocol import EngineError, GenerateRequest, SamplingParams
 from serve_app.templating import prompt_token_ids, render_prompt
 from serve_app.zmq_engine import wire
 from serve_app.zmq_engine.batcher import Batcher
-from serve_app.zmq_engine.sampling import LogitsAdjuster, apply_bias, apply_penalties
+from serve_app.zmq_engine.sampling import LogitsAdjuster, apply_bias, apply_penalties, sample
 
 
 def test_penalties_follow_openais_formula():
@@ -30,6 +30,16 @@ def test_penalties_follow_openais_formula():
 def test_bias_adds_to_the_named_tokens_only():
     out = apply_bias(torch.zeros(6), torch.tensor([1, 4]), torch.tensor([100.0, -3.5]))
     assert out.tolist() == [0.0, 100.0, 0.0, 0.0, -3.5, 0.0]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_p=5e-324),
+                                    SamplingParams(temperature=1e-300),
+                                    SamplingParams(temperature=0.0, top_p=0.5)])
+def test_extreme_values_that_are_valid_sample_the_top_token(params):
+    """top_p below float32's smallest value keeps the top token; a temperature that would
+    overflow the division is greedy (vLLM: below 1e-5)."""
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    assert sample(logits, params, torch.Generator().manual_seed(0)) == 1
 
 
 def test_adjuster_counts_generated_tokens_and_applies_both():

@@ -31,9 +31,11 @@ _TYPE_BY_STATUS = {
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type_: str | None = None):
+                 code: str | None = None, type_: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.message = message
         self.param = param
         self.code = code
@@ -46,7 +48,7 @@ class APIError(Exception):
 
     def response(self) -> Response:
         return Response(orjson.dumps(self.body()), status_code=self.status,
-                        media_type="application/json")
+                        media_type="application/json", headers=self.headers)
 
     @classmethod
     def from_engine(cls, err: EngineError) -> "APIError":
@@ -54,19 +56,32 @@ class APIError(Exception):
 
     @classmethod
     def from_validation(cls, err: ValidationError) -> "APIError":
-        """Name the first offending field the way OpenAI does (``messages.0.role``)."""
-        first = err.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p)) or None
+        """Name the first offending field the way OpenAI does (``messages.0.role``).
+
+        A union (``stop``: string or list) fails once per member; the deepest error
+        (or, as deep, one that is not a type mismatch) is the member the value was
+        meant for (``stop.1``, not "not a string")."""
+        errors = err.errors(include_url=False)
+        field = errors[0]["loc"][:1]
+        first = max((e for e in errors if e["loc"][:1] == field),
+                    key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
+        loc = [p for p in first["loc"] if not _is_union_tag(p)]
+        key = None
+        if loc and loc[0] in _MAP_PARAMS and len(loc) > 1:
+            key, loc = loc[1], loc[:1]  # a map's key is data, not a parameter name
+        param = ".".join(str(p) for p in loc) or None
         message = first["msg"]
         if first["type"] == "missing":
             message = f"Missing required parameter: '{param}'."
         elif param:
-            message = f"Invalid value for '{param}': {message}"
+            where = f" (key {key!r})" if key is not None else ""
+            message = f"Invalid value for '{param}'{where}: {message}"
         return cls(400, message, param=param,
                    code="missing_required_parameter" if first["type"] == "missing"
                    else "invalid_value")
 
 
+_MAP_PARAMS = {"logit_bias", "metadata"}
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 

@@ -2,7 +2,11 @@
 
 Per-chunk work is the data plane's hottest Python path (it runs for every
 token group of every stream), so the constant part of each chunk is serialized
-once per request and only the text is encoded per chunk.
+once per request and only the text is encoded per chunk.  The shapes are those of
+``serve_app.openai_protocol``'s response models (tests/serve_app/test_framing.py).
+
+``usage`` on a chunk (vLLM's ``stream_options.continuous_usage_stats``) is the usage
+so far; without it chunks carry no ``usage`` key, as OpenAI's.
 """
 
 from __future__ import annotations
@@ -46,19 +50,24 @@ class ResponseFramer:
             self._pre = head + b',"choices":[{"index":0,"text":'
             self._post = b',"logprobs":null,"finish_reason":null}]}\n\n'
         self._head = head
+        self._post_open = self._post[:-3]  # without the closing '}\n\n'
 
     def _event(self, obj: dict) -> bytes:
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
-    def first_chunk(self) -> bytes:
+    def first_chunk(self, usage: Usage | None = None) -> bytes:
         """Chat streams open with the assistant role, as OpenAI's do."""
         if self.kind != "chat":
             return b""
         return (b"data: " + self._head + b',"choices":[{"index":0,"delta":{"role":"assistant",'
-                b'"content":""},"logprobs":null,"finish_reason":null}]}\n\n')
+                b'"content":""},"logprobs":null,"finish_reason":null}]' + _usage(usage)
+                + b'}\n\n')
 
-    def text_chunk(self, text: str) -> bytes:
-        return b"data: " + self._pre + orjson.dumps(text) + self._post
+    def text_chunk(self, text: str, usage: Usage | None = None) -> bytes:
+        if usage is None:
+            return b"data: " + self._pre + orjson.dumps(text) + self._post
+        return (b"data: " + self._pre + orjson.dumps(text) + self._post_open + _usage(usage)
+                + b"}\n\n")
 
     def logprobs(self, entries: list[dict], text_offset: int = 0) -> dict:
         """Engine entries (chat-style ``{token, logprob, top_logprobs}``) as OpenAI
@@ -75,9 +84,12 @@ class ResponseFramer:
                                  for e in entries],
                 "text_offset": offsets}
 
-    def chunk_with_logprobs(self, text: str, logprobs: dict) -> bytes:
+    def chunk_with_logprobs(self, text: str, logprobs: dict,
+                            usage: Usage | None = None) -> bytes:
         """The slow path, only for requests that asked for logprobs."""
         base = {"id": self.id, "created": self.created, "model": self.model}
+        if usage is not None:
+            base["usage"] = usage_dict(usage)
         if self.kind == "chat":
             choice = {"index": 0, "delta": {"content": text}, "logprobs": logprobs,
                       "finish_reason": None}
@@ -86,14 +98,17 @@ class ResponseFramer:
         return self._event({**base, "object": "text_completion", "choices": [choice]})
 
     def final_chunks(self, finish_reason: str, usage: Usage | None,
-                     include_usage: bool) -> bytes:
+                     include_usage: bool, continuous: bool = False) -> bytes:
+        """The chunk with ``finish_reason`` (with the usage too if ``continuous``), the
+        usage chunk if ``include_usage``, ``[DONE]``."""
         base = {"id": self.id, "created": self.created, "model": self.model}
+        last = {**base, "usage": usage_dict(usage)} if continuous and usage else base
         if self.kind == "chat":
             choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
-            out = self._event({**base, "object": "chat.completion.chunk", "choices": [choice]})
+            out = self._event({**last, "object": "chat.completion.chunk", "choices": [choice]})
         else:
             choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
-            out = self._event({**base, "object": "text_completion", "choices": [choice]})
+            out = self._event({**last, "object": "text_completion", "choices": [choice]})
         if include_usage and usage is not None:
             obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
             out += self._event({**base, "object": obj, "choices": [],
@@ -114,6 +129,10 @@ class ResponseFramer:
         choice = {"index": 0, "text": text, "logprobs": logprobs,
                   "finish_reason": finish_reason}
         return orjson.dumps({**base, "object": "text_completion", "choices": [choice]})
+
+
+def _usage(usage: Usage | None) -> bytes:
+    return b"" if usage is None else b',"usage":' + orjson.dumps(usage_dict(usage))
 
 
 async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:

@@ -4,71 +4,98 @@ Kept apart from serving logic (as in vLLM's entrypoints) so the ingress reads as
 translation between these models and the internal protocol.  Unknown fields are
 rejected with a 400 naming them, except those listed in ``IGNORED_FIELDS`` which
 clients commonly send and which have no effect on a single-choice text response.
+
+Types are as strict as OpenAI's: ``"stream": "yes"`` or ``"max_tokens": "5"`` is a
+400, not a silent coercion; numbers (temperature, penalties) accept integers.  The
+response models describe exactly what ``serve_app.framing`` emits; they are used for
+the OpenAPI document (``/openapi.json``) and checked against the framer's output.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, \
+    field_validator
+from typing_extensions import Required, TypedDict
 
 from serve_app.protocol import ChatMessage
 
 # Accepted and ignored: they do not change the text we generate.
-IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls",
-                  "presence_penalty", "frequency_penalty", "logit_bias"}
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+
+Number = Annotated[float, Strict()]  # a JSON number (integers too), never a string or bool
+Penalty = Annotated[Number, Field(ge=-2.0, le=2.0)]
+TokenId = Annotated[str, Field(pattern=r"^[0-9]+$", max_length=12)]
+Bias = Annotated[Number, Field(ge=-100.0, le=100.0)]
+INT64 = 2**63 - 1
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: StrictBool | None = False
+    # vLLM's extension (guidellm sends it): usage so far on every chunk; needs include_usage.
+    continuous_usage_stats: StrictBool | None = False
+
+
+class ContentPart(TypedDict, total=False):
+    """An OpenAI content part; only ``text`` parts reach the model as text."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    type: Required[StrictStr]
+    text: StrictStr
+
+
+class Message(ChatMessage):
+    """A chat message as clients send it (content parts checked, kept as dicts)."""
+
+    content: StrictStr | list[ContentPart] | None = None
 
 
 class _GenerationParams(BaseModel):
     model_config = ConfigDict(extra="allow")  # extras are checked by the engine / ingress
 
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, gt=0)
+    model: StrictStr = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(default=None, gt=0, le=2**31 - 1)
     # None: the engine's / model's own default (vLLM reads generation_config.json).
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
+    temperature: Number | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(default=None, gt=0.0, le=1.0)
+    seed: StrictInt | None = Field(default=None, ge=-INT64 - 1, le=INT64)
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    n: StrictInt | None = Field(default=1, ge=1, le=128)
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False  # vLLM extension, used by benchmarks
+    ignore_eos: StrictBool | None = False  # vLLM extension, used by benchmarks
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[TokenId, Bias] | None = Field(
+        default=None, description="token id (a string) -> bias added to its logit")
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        stops = [v] if isinstance(v, str) else v
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are supported")
-        return stops
+        return [v] if isinstance(v, str) else v
 
     def extra_fields(self) -> dict[str, Any]:
         return dict(self.__pydantic_extra__ or {})
 
 
 class ChatCompletionRequest(_GenerationParams):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, gt=0, le=2**31 - 1)
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
 
 class CompletionRequest(_GenerationParams):
-    prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(default=16, gt=0)  # OpenAI's completions default
-    logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None
+    prompt: StrictStr | list[StrictStr] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(default=16, gt=0, le=2**31 - 1)  # OpenAI's default
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    echo: StrictBool | None = False
+    suffix: StrictStr | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -81,20 +108,152 @@ class CompletionRequest(_GenerationParams):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
+# ---- responses (what serve_app.framing writes) ------------------------------------
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-class ModelCard(BaseModel):
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float | None
+    bytes: list[int] | None = None
+
+
+class ChatLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(_Out):
+    content: list[ChatLogprob]
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    usage: Usage
+    choices: list[ChatChoice]
+
+
+class ChatDelta(_Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Out):
+    """One ``data:`` event of a chat stream.  The last one before ``[DONE]`` has no
+    choices and the usage (``stream_options.include_usage``); with
+    ``continuous_usage_stats`` every chunk carries the usage so far."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
+
+
+class Completion(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    usage: Usage
+    choices: list[CompletionChoice]
+
+
+class CompletionChunkChoice(_Out):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(_Out):
+    """One ``data:`` event of a completions stream (same framing rules as chat)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class Model(_Out):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "hpcserve"
+    engine: str
     max_model_len: int | None = None
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class ErrorBody(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Out):
+    error: ErrorBody
+
+
+class Health(_Out):
+    status: Literal["ok"]
+
+
+
+def model_object(name: str, created: int, engine: str, max_model_len: int | None) -> dict:
+    """A served model as an OpenAI model object (``Model``)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "hpcserve",
+            "engine": engine, "max_model_len": max_model_len}

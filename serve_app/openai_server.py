@@ -41,7 +41,9 @@ from serve_app.openai_protocol import (
     IGNORED_FIELDS,
     ChatCompletionRequest,
     CompletionRequest,
+    model_object,
 )
+from serve_app.openapi import openapi_document
 from serve_app.protocol import GenerateDelta, GenerateRequest, SamplingParams, Usage
 
 log = logging.getLogger("hpcserve.ingress")
@@ -52,7 +54,7 @@ async def _api_error(_: Request, exc: APIError) -> Response:
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-    return APIError(exc.status_code, str(exc.detail)).response()
+    return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
 
 
 async def _unexpected(_: Request, exc: Exception) -> Response:
@@ -69,6 +71,20 @@ async def _prepend(first: list[GenerateDelta], rest: AsyncIterator[list[Generate
         yield item
 
 
+# Options with engine-specific support: a 400 naming them where the engine lacks them,
+# unless the value asks for nothing (0, false, empty), which every engine honours.
+_ENGINE_SPECIFIC = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+                    "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias")
+
+
+def _given(value: Any) -> bool:
+    return value not in (None, False, 0, "") and value != {} and value != []
+
+
+def _prompt_tokens(deltas: list[GenerateDelta]) -> int:
+    return next((d.usage.prompt_tokens for d in deltas if d.usage is not None), 0)
+
+
 class OpenAIServer:
     """The routes and request handling; ``_engine_stream`` is the subclass's."""
 
@@ -77,6 +93,7 @@ class OpenAIServer:
         self.models = {m.name: m for m in self.config.models}
         self.api_keys = [k.encode() for k in self.config.load_api_keys()]
         self.created = int(time.time())
+        self._openapi: bytes | None = None
 
     def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         raise NotImplementedError
@@ -85,12 +102,24 @@ class OpenAIServer:
     async def health(self) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
+    async def openapi(self) -> Response:
+        if self._openapi is None:
+            self._openapi = orjson.dumps(openapi_document(list(self.models),
+                                                          bool(self.api_keys)))
+        return Response(self._openapi, media_type="application/json")
+
     async def list_models(self, request: Request) -> Response:
         self._authenticate(request)
-        data = [{"id": m.name, "object": "model", "created": self.created,
-                 "owned_by": "hpcserve", "engine": m.engine,
-                 "max_model_len": m.max_model_len} for m in self.config.models]
+        data = [model_object(m.name, self.created, m.engine, m.max_model_len)
+                for m in self.config.models]
         return Response(orjson.dumps({"object": "list", "data": data}),
+                        media_type="application/json")
+
+    async def get_model(self, request: Request, model_id: str) -> Response:
+        self._authenticate(request)
+        m = self._model_config(model_id)
+        return Response(orjson.dumps(model_object(m.name, self.created, m.engine,
+                                                  m.max_model_len)),
                         media_type="application/json")
 
     async def chat_completions(self, request: Request) -> Response:
@@ -140,13 +169,17 @@ class OpenAIServer:
         except ValidationError as err:
             raise APIError.from_validation(err) from None
 
-    def _to_generate(self, kind: str, body) -> GenerateRequest:
-        cfg = self.models.get(body.model)
+    def _model_config(self, name: str):
+        cfg = self.models.get(name)
         if cfg is None:
-            raise APIError(404, f"The model '{body.model}' does not exist. Available: "
+            raise APIError(404, f"The model '{name}' does not exist. Available: "
                            f"{sorted(self.models)}.", param="model", code="model_not_found")
+        return cfg
+
+    def _to_generate(self, kind: str, body) -> GenerateRequest:
+        cfg = self._model_config(body.model)
         allowed = ENGINE_OPTIONS[cfg.engine]
-        if body.n != 1:
+        if body.n not in (None, 1):
             raise APIError(400, "Only n=1 is supported.", param="n",
                            code="unsupported_parameter")
         extras = {}
@@ -157,14 +190,14 @@ class OpenAIServer:
                 raise APIError(400, f"Unrecognized request argument supplied: {name}",
                                param=name, code="unsupported_parameter")
             extras[name] = value
-        for name in ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
-                     "echo", "suffix"):
+        for name in _ENGINE_SPECIFIC:
             value = getattr(body, name, None)
-            if value not in (None, False, 0) and name not in allowed:
-                raise APIError(400, f"'{name}' is not supported by the {cfg.engine} engine "
-                               f"serving '{body.model}'.", param=name,
-                               code="unsupported_parameter")
-            if value not in (None, False):
+            if name not in allowed:
+                if _given(value):
+                    raise APIError(400, f"'{name}' is not supported by the {cfg.engine} "
+                                   f"engine serving '{body.model}'.", param=name,
+                                   code="unsupported_parameter")
+            elif value not in (None, False):
                 extras[name] = value
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if cfg.max_model_len and max_tokens and max_tokens >= cfg.max_model_len:
@@ -173,7 +206,7 @@ class OpenAIServer:
                            code="context_length_exceeded")
         sampling = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                                   top_p=body.top_p, seed=body.seed, stop=body.stop or [],
-                                  ignore_eos=body.ignore_eos)
+                                  ignore_eos=bool(body.ignore_eos))
         common = dict(request_id=uuid.uuid4().hex, model=body.model, sampling=sampling,
                       extras=extras)
         if kind == "chat":
@@ -196,9 +229,11 @@ class OpenAIServer:
                            f"request ({type(exc).__name__}).", type_="server_error",
                            code="engine_unavailable") from None
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            options = body.stream_options
+            include_usage = bool(options and options.include_usage)
+            continuous = include_usage and bool(options.continuous_usage_stats)  # as vLLM
             return StreamingResponse(self._sse(framer, first, stream, include_usage,
-                                               bool(req.extras.get("logprobs"))),
+                                               continuous, bool(req.extras.get("logprobs"))),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         text, finish, usage, entries = [], "stop", Usage(), []
@@ -215,22 +250,31 @@ class OpenAIServer:
 
     async def _sse(self, framer: ResponseFramer, first: list[GenerateDelta],
                    rest: AsyncIterator[list[GenerateDelta]], include_usage: bool,
-                   with_logprobs: bool):
-        yield framer.first_chunk()
+                   continuous: bool, with_logprobs: bool):
+        """The event stream; with ``continuous`` (vLLM's ``continuous_usage_stats``)
+        every chunk carries the usage so far: the prompt's tokens (engines report
+        them with their first delta) and the completion tokens sent until then."""
+        prompt, completion = _prompt_tokens(first), 0
+        yield framer.first_chunk(Usage(prompt, 0) if continuous else None)
         finish, usage, offset = "stop", None, 0
         try:
             async for deltas in _prepend(first, rest):
                 text = "".join(d.text for d in deltas)
+                if continuous:
+                    completion += sum(d.num_tokens for d in deltas)
+                    prompt = _prompt_tokens(deltas) or prompt
+                so_far = Usage(prompt, completion) if continuous else None
                 if with_logprobs:
                     entries = [e for d in deltas for e in d.extras.get("logprobs") or ()]
                     if text or entries:
-                        yield framer.chunk_with_logprobs(text, framer.logprobs(entries, offset))
+                        yield framer.chunk_with_logprobs(text, framer.logprobs(entries, offset),
+                                                         so_far)
                     offset += len(text)
                 elif text:
-                    yield framer.text_chunk(text)
+                    yield framer.text_chunk(text, so_far)
                 last = deltas[-1] if deltas else None
                 if last is not None and last.finish_reason:
-                    finish, usage = last.finish_reason, last.usage
+                    finish, usage = last.finish_reason, last.usage or so_far
         except Exception as exc:  # mid-stream: the status is already sent
             err = as_engine_error(exc)
             api = APIError.from_engine(err) if err else APIError(
@@ -238,17 +282,21 @@ class OpenAIServer:
                 type_="server_error", code="engine_unavailable")
             yield framer.error_event(api.body())
             return
-        yield framer.final_chunks(finish, usage, include_usage)
+        yield framer.final_chunks(finish, usage, include_usage, continuous)
 
 
 def openai_app(server_cls: type[OpenAIServer]) -> FastAPI:
     """A FastAPI app with the OpenAI routes bound to ``server_cls``'s methods."""
-    app = FastAPI(title="hpcserve", docs_url=None, redoc_url=None)
+    app = FastAPI(title="hpcserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    # FastAPI's own document would be empty (raw-Request routes): serve_app.openapi's.
+    app.add_api_route("/openapi.json", server_cls.openapi, methods=["GET"],
+                      include_in_schema=False)
     app.add_api_route("/health", server_cls.health, methods=["GET"])
     app.add_api_route("/v1/models", server_cls.list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", server_cls.get_model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", server_cls.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", server_cls.completions, methods=["POST"])
     return app

@@ -4,7 +4,9 @@ An engine is a Ray Serve deployment class with:
 
 * ``async def generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]``
   -- yields *lists* of deltas: everything that was ready at once travels as one
-  chunk, because Serve's cost is per chunk per hop, not per token;
+  chunk, because Serve's cost is per chunk per hop, not per token.  The last delta
+  has ``finish_reason`` and ``usage``; the first one carries ``usage`` so far as
+  well (prompt tokens known up front), for ``stream_options.continuous_usage_stats``;
 * ``async def model_info(self) -> dict`` -- ``{"max_model_len": int, ...}``;
 * ``async def check_health(self)`` -- raises when the engine behind it is dead,
   so Serve replaces the replica;
@@ -36,9 +38,9 @@ def engine_class(kind: str):
 # seed, stop, ignore_eos) that each engine honours.  The ingress answers any other
 # option with a 400 naming it, so a client never silently gets something else.
 ENGINE_OPTIONS: dict[str, frozenset[str]] = {
-    "zmq": frozenset(),
+    "zmq": frozenset({"presence_penalty", "frequency_penalty", "logit_bias"}),
     "vllm": frozenset({"logprobs", "top_logprobs", "response_format", "tools",
                        "tool_choice", "top_k", "min_p", "repetition_penalty",
-                       "presence_penalty", "frequency_penalty", "min_tokens"}),
+                       "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens"}),
     "triton": frozenset(),
 }

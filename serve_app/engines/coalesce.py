@@ -28,13 +28,14 @@ from serve_app.protocol import GenerateDelta
 
 
 def merge(deltas: list[GenerateDelta]) -> list[GenerateDelta]:
-    """One delta for plain text; a list with per-token extras (logprobs) stays as is."""
+    """One delta for plain text; a list with per-token extras (logprobs) stays as is.
+    The latest usage is kept (the first delta's, until the final one has its own)."""
     if len(deltas) < 2 or any(d.extras for d in deltas):
         return deltas
-    last = deltas[-1]
+    usage = next((d.usage for d in reversed(deltas) if d.usage is not None), None)
     return [GenerateDelta(text="".join(d.text for d in deltas),
                           num_tokens=sum(d.num_tokens for d in deltas),
-                          finish_reason=last.finish_reason, usage=last.usage)]
+                          finish_reason=deltas[-1].finish_reason, usage=usage)]
 
 
 async def coalesce(source: AsyncIterator[list[GenerateDelta]], interval_s: float

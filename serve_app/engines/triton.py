@@ -113,7 +113,7 @@ class TritonEngine:
         values = sampling_values(self.args, request, max_tokens)
         responses = (self._grpc_stream if self.args.protocol == "grpc" else self._http_stream)(
             request.request_id, input_tensors(self.args, prompt, values))
-        seen, count, counted, finish = "", 0, False, None
+        seen, count, counted, finish, reported = "", 0, False, None, False
         async for out in responses:
             text = out.get("text_output") or ""
             if self.args.output_mode == "cumulative" and text.startswith(seen):
@@ -127,7 +127,10 @@ class TritonEngine:
             count += n
             finish = out.get("finish_reason") or finish
             if text or n:
-                yield [GenerateDelta(text=text, num_tokens=n)]
+                # the first delta tells the prompt's size up front (continuous usage)
+                usage = Usage(n_client_prompt, count) if not reported else None
+                reported = True
+                yield [GenerateDelta(text=text, num_tokens=n, usage=usage)]
         if not counted and not self.args.stream and self.tokenizer is not None:
             count = len(self.tokenizer(seen, add_special_tokens=False)["input_ids"])
         if finish not in ("stop", "length", "abort"):

@@ -205,7 +205,7 @@ class VLLMEngine:
         want_logprobs = sampling.logprobs is not None
         tokenizer = self.engine.renderer.tokenizer
         request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # unique per attempt
-        completion_tokens, finished = 0, False
+        completion_tokens, finished, first = 0, False, True
         try:
             # vLLM's per-request collector merges outputs produced while we were
             # busy, so each item is everything that was ready: one chunk per item.
@@ -219,7 +219,9 @@ class VLLMEngine:
                 if out.finished:
                     finished = True
                     delta.finish_reason = finish_reason(c.finish_reason)
+                if out.finished or first:  # the first: prompt tokens up front
                     delta.usage = Usage(prompt_len, completion_tokens)
+                first = False
                 yield [delta]
         except Exception as exc:
             err = engine_error(exc, chat)

@@ -5,7 +5,8 @@ replica's event loop for the GIL); the replica only forwards requests and deltas
 With no ``address`` the replica starts the engine on its own node and owns it: the
 engine stops with the replica, and exits by itself if the replica is killed.  With
 an ``address`` it relays to an engine something else started (e.g. the batch job
-under srun/MPI) and leaves it alone.
+under srun/MPI) and leaves it alone.  ``max_model_len`` caps the context (prompt +
+completion) below the model's own, for an engine the replica starts.
 
 Chat templating happens in the engine process (it has the tokenizer), so the replica
 sends requests exactly as the ingress gave them.
@@ -30,7 +31,8 @@ log = logging.getLogger("hpcserve.engines.zmq")
 @serve.deployment
 class ZmqEngine:
     def __init__(self, model_name: str, model_path: str | None = None, address: str | None = None,
-                 max_batch: int = 32, stream_interval_ms: float = 0.0):
+                 max_batch: int = 32, stream_interval_ms: float = 0.0,
+                 max_model_len: int | None = None):
         self.model_name = model_name
         self.stream_interval_s = stream_interval_ms / 1000
         self._process: EngineProcess | None = None
@@ -38,7 +40,8 @@ class ZmqEngine:
             if model_path is None:
                 from serve_app.tiny_model import ensure_tiny_model
                 model_path = str(ensure_tiny_model())
-            self._process = EngineProcess.spawn(model_path, max_batch=max_batch)
+            self._process = EngineProcess.spawn(model_path, max_batch=max_batch,
+                                                max_model_len=max_model_len)
             atexit.register(self._process.stop)  # a replica that exits without __del__
             address = self._process.address
             log.info("started engine pid %d for %s on %s", self._process.pid, model_name, address)

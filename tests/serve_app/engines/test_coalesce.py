@@ -100,3 +100,15 @@ def test_deltas_with_logprobs_are_kept_apart():
 
     chunks = asyncio.run(_collect(source(), 0.5))
     assert [[d.extras["logprobs"] for d in c] for _, c in chunks] == [[[0]], [[1], [2], [3]]]
+
+
+def test_merge_keeps_the_latest_usage_so_the_prompt_size_is_not_lost():
+    """Engines put the usage so far on their first delta (continuous usage stats)."""
+    from serve_app.engines.coalesce import merge
+
+    first = GenerateDelta(text="a", num_tokens=1, usage=Usage(5, 1))
+    (merged,) = merge([first, GenerateDelta(text="b", num_tokens=2)])
+    assert (merged.text, merged.num_tokens, merged.usage) == ("ab", 3, Usage(5, 1))
+    (merged,) = merge([first, GenerateDelta(text="c", num_tokens=1, finish_reason="stop",
+                                            usage=Usage(5, 2))])
+    assert (merged.finish_reason, merged.usage) == ("stop", Usage(5, 2))

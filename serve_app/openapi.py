@@ -1,0 +1,138 @@
+"""The OpenAPI document of the OpenAI surface (``GET /openapi.json``).
+
+Routes take the raw ``Request`` (so that a wrong Content-Type is a 415 and an
+oversized body a 413 before any parsing), which leaves FastAPI nothing to derive
+schemas from.  The document is therefore written here, from the same pydantic models
+that validate requests and describe responses (``serve_app.openai_protocol``), and
+for one server instance: ``model`` lists the models it serves, and the bearer
+scheme is required exactly when it has API keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from serve_app import openai_protocol as p
+
+_REF = "#/components/schemas/{model}"
+_REQUESTS = (p.ChatCompletionRequest, p.CompletionRequest)
+_RESPONSES = (p.ChatCompletion, p.ChatCompletionChunk, p.Completion, p.CompletionChunk,
+              p.Model, p.ModelList, p.ErrorResponse, p.Health)
+ERRORS = {
+    400: "The request is invalid (malformed JSON, a wrong type or value, an unsupported "
+         "option, too long for the context); `param` names the field.",
+    401: "Missing or wrong API key (`Authorization: Bearer <key>`).",
+    404: "No such model (`code: model_not_found`).",
+    413: "The request body is larger than the server accepts.",
+    415: "The body is not `application/json`.",
+    429: "Too many requests.",
+    503: "No engine replica could serve the request (`code: engine_unavailable`).",
+}
+_SSE = ("Server-sent events: one `data: <{chunk} JSON>` event per piece of text, a last "
+        "chunk with `finish_reason`, the usage chunk (`choices: []`) when "
+        "`stream_options.include_usage` is set, then `data: [DONE]`.  An error after the "
+        "stream started arrives as one `data: <ErrorResponse JSON>` event before `[DONE]`.")
+
+
+@lru_cache(maxsize=1)
+def _components() -> tuple[dict[str, Any], dict[tuple[str, str], str]]:
+    """Component schemas and the name each (model, mode) got (``-Input``/``-Output``
+    only where a model's validation and serialization schemas differ)."""
+    keys, top = models_json_schema(
+        [(m, "validation") for m in _REQUESTS] + [(m, "serialization") for m in _RESPONSES],
+        ref_template=_REF)
+    names = {(m.__name__, mode): ref["$ref"].rsplit("/", 1)[-1]
+             for (m, mode), ref in keys.items()}
+    return top["$defs"], names
+
+
+def _ref(model: type, mode: str = "serialization") -> dict[str, str]:
+    return {"$ref": _REF.format(model=_components()[1][(model.__name__, mode)])}
+
+
+def _json(model: type) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(model)}}
+
+
+def _responses(ok: str, ok_content: dict[str, Any], errors: tuple[int, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {"200": {"description": ok, "content": ok_content}}
+    for status in errors:
+        out[str(status)] = {"description": ERRORS[status], "content": _json(p.ErrorResponse)}
+    return out
+
+
+def _event(chunk: type) -> dict[str, Any]:
+    """One server-sent event (OpenAPI before 3.2 describes an event stream by its events):
+    its ``data`` is a chunk's JSON, an error's, or ``[DONE]``."""
+    return {"type": "object", "required": ["data"],
+            "description": _SSE.format(chunk=chunk.__name__),
+            "properties": {
+                "event": {"const": "message"},
+                "data": {"description": f"A {chunk.__name__} or an ErrorResponse as JSON, "
+                                        "or `[DONE]` (the last event).",
+                         "anyOf": [{"const": "[DONE]"},
+                                   {"type": "string", "contentMediaType": "application/json",
+                                    "contentSchema": {"oneOf": [_ref(chunk),
+                                                                _ref(p.ErrorResponse)]}}]}}}
+
+
+def _generation(request: type, whole: type, chunk: type, summary: str,
+                errors: tuple[int, ...]) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "requestBody": {"required": True,
+                        "content": {"application/json": {"schema": _ref(request, "validation")}}},
+        "responses": _responses(
+            f"A {whole.__name__} (`stream: false`) or an event stream of {chunk.__name__} "
+            "(`stream: true`).",
+            {**_json(whole),
+             "text/event-stream": {"schema": _event(chunk)}},
+            errors),
+    }
+
+
+def openapi_document(model_names: list[str], auth: bool, version: str = "0.1.0") -> dict:
+    """The document for a server serving ``model_names``; ``auth``: it checks API keys."""
+    schemas = copy.deepcopy(_components()[0])
+    for request in _REQUESTS:  # only the served names are accepted (else a 404)
+        props = schemas[_components()[1][(request.__name__, "validation")]]["properties"]
+        props["model"] = {**props["model"], "enum": list(model_names),
+                          "description": "One of the models this server serves."}
+    secured = (401,) if auth else ()
+    common = (*secured, 429, 503)
+    post = (400, *secured, 404, 413, 415, 429, 503)
+    paths: dict[str, Any] = {
+        "/health": {"get": {"summary": "Liveness of the replica that answers",
+                            "responses": _responses("Alive.", _json(p.Health), ())}},
+        "/v1/models": {"get": {"summary": "The models this server serves",
+                               "responses": _responses("The model list.", _json(p.ModelList),
+                                                       common)}},
+        "/v1/models/{model_id}": {"get": {
+            "summary": "One model",
+            "parameters": [{"name": "model_id", "in": "path", "required": True,
+                            "schema": {"type": "string", "examples": list(model_names)}}],
+            "responses": _responses("The model.", _json(p.Model), (*secured, 404, 429, 503))}},
+        "/v1/chat/completions": {"post": _generation(
+            p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,
+            "Chat completion", post)},
+        "/v1/completions": {"post": _generation(
+            p.CompletionRequest, p.Completion, p.CompletionChunk, "Text completion", post)},
+    }
+    if auth:
+        for path, item in paths.items():
+            if path != "/health":
+                for operation in item.values():
+                    operation["security"] = [{"bearerAuth": []}]
+    components: dict[str, Any] = {"schemas": schemas}
+    if auth:
+        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+    return {"openapi": "3.1.0",
+            "info": {"title": "hpcserve", "version": version,
+                     "description": "An OpenAI-compatible LLM endpoint. Every error is "
+                                    "`{\"error\": {\"message\", \"type\", \"param\", "
+                                    "\"code\"}}`."},
+            "paths": paths, "components": components}

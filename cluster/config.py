@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from cluster.providers import options_model
 from serve_app.config import ConfigError, describe_validation_error, parse_app_config
@@ -47,10 +48,15 @@ class HeadConfig(_Strict):
 class PoolConfig(_Strict):
     name: str = Field(min_length=1)
     provider: ProviderKind = "local"
-    allocations: int = Field(default=1, ge=0, description="allocations kept serving")
+    min_allocations: int = Field(default=1, ge=0, description=(
+        "allocations kept serving whatever the demand (the hot floor); 0: the pool may "
+        "go to zero"))
     max_allocations: int | None = Field(default=None, ge=1, description=(
-        "cap on live jobs, draining ones included (default 3x allocations: "
-        "serving + successor + one still draining)"))
+        "cap on serving allocations when Serve wants more replicas than fit (default "
+        "max(min_allocations, 1)); successors and draining jobs of a rotation come on top"))
+    idle_release_s: float = Field(default=300, ge=0, description=(
+        "an allocation above the floor whose node has had no replica this long is "
+        "drained and its job cancelled"))
     walltime_s: int = Field(default=3600, ge=30)
     lead_time_s: float = Field(default=120, ge=0, description="initial successor lead time")
     lead_time_margin_s: float = Field(default=15, ge=0)
@@ -68,12 +74,21 @@ class PoolConfig(_Strict):
         "extra environment for the worker job (e.g. HPCSERVE_NODE_IP: auto-loopback "
         "when several jobs share one machine)"))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "allocations" in data:
+            raise PydanticCustomError(
+                "renamed", "'allocations' is now 'min_allocations' (the hot floor); "
+                "'max_allocations' caps what demand may add")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "PoolConfig":
         if self.max_allocations is None:
-            self.max_allocations = max(3 * self.allocations, 1)
-        if self.max_allocations < self.allocations:
-            raise ValueError("max_allocations must be >= allocations")
+            self.max_allocations = max(self.min_allocations, 1)
+        if self.max_allocations < self.min_allocations:
+            raise ValueError("max_allocations must be >= min_allocations")
         if self.warning_s >= self.walltime_s:
             raise ValueError("warning_s must be shorter than walltime_s")
         return self
@@ -196,6 +211,7 @@ def load_config(path: str | Path | None = None) -> HpcserveConfig:
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         authenticated &= bool(args.api_keys or args.api_keys_file)
+        _check_models_fit(cluster, args, f"applications.{i}.args", source)
     http = data.get("http_options") or {}
     if not isinstance(http, dict):
         raise ConfigError(f"{source}: http_options: a mapping is expected")
@@ -206,6 +222,19 @@ def load_config(path: str | Path | None = None) -> HpcserveConfig:
             "key is configured: set applications[].args.api_keys or api_keys_file, or "
             "hpcserve.allow_unauthenticated: true to serve without keys")
     return HpcserveConfig(cluster, data, source, authenticated)
+
+
+def _check_models_fit(cluster: ClusterConfig, args, prefix: str, source: str) -> None:
+    """A model whose replica fits no pool's node would wait forever: say so now."""
+    from cluster.policy import bundles_per_node, node_resources
+    for j, model in enumerate(args.models):
+        bundle = {**model.resources, "CPU": model.num_cpus, "GPU": model.num_gpus}
+        if not any(bundles_per_node(bundle, node_resources(p)) for p in cluster.pools):
+            shown = {k: v for k, v in bundle.items() if v}
+            raise ConfigError(
+                f"{source}: {prefix}.models.{j}.resources: a replica needs {shown}, which "
+                f"fits no pool's node ({', '.join(p.name for p in cluster.pools)}: "
+                f"{[node_resources(p) for p in cluster.pools]})")
 
 
 def ingress_modes(apps: list[dict[str, Any]]) -> dict[str, str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cluster.config import load_config
 from cluster.head import HeadInfo
+from cluster.policy import demand_by_pool
 from cluster.pool import Pool
 from cluster.providers import make_provider
 from cluster.providers.base import WorkerSpec
@@ -75,9 +76,12 @@ def run(run_dir: Path) -> None:
         started = time.monotonic()
         try:
             nodes = view.nodes()
+            demand = demand_by_pool([p.config for p in pools], view.pending_demand())
         except Exception as err:  # head restarting, dashboard busy: act without it
             log.warning("cluster view unavailable: %s", err)
-            nodes = None
+            nodes, demand = None, {}
+        for pool in pools:
+            pool.demand_nodes = demand.get(pool.config.name, 0)
         for pool in pools:
             try:
                 pool.tick(nodes)

@@ -1,15 +1,12 @@
-"""The allocation pool: keep N allocations serving across wall-time rotations.
+"""The allocation pool's executor: observe, ask the policy, apply its plan.
 
 Each tick the pool (1) refreshes job states from the provider, (2) matches jobs to
-Ray nodes by their allocation label, then acts:
-
-* an allocation whose wall-time end is within ``lead_time`` gets a successor job;
-* once the successor's node has joined, the old node is drained (DrainNode with a
-  deadline): Serve starts the replacement replicas on the successor *before* it
-  stops the old ones, so no request is lost;
-* a drained node is released early (job cancelled) -- no node-hours wasted;
-* jobs that fail, vanish, or queue too long are replaced, with backoff;
-* a provider that errors never stops serving: the tick skips what needs it.
+Ray nodes by their allocation label (joined, serving, idle since when), then asks
+``cluster.policy.decide`` what to do and applies it: submit through the provider,
+drain through Ray (DrainNode with a deadline: Serve starts replacement replicas
+before it stops the old ones), release a drained job early.  Failed, vanished or
+stuck jobs are recorded here; replacing them is the policy's floor rule, paced by a
+backoff.  A provider that errors never stops serving: the tick skips what needs it.
 
 ``lead_time`` adapts to what was observed (queue wait + start-up + hand-over),
 see ``LeadTime``.  All state lives in ``StateStore``, so a restarted loop resumes.
@@ -23,6 +20,7 @@ import uuid
 from typing import Callable
 
 from cluster.config import PoolConfig
+from cluster.policy import Drain, NodeState, Observation, Plan, Release, Submit, decide
 from cluster.providers.base import JobState, Provider, ProviderError, WorkerSpec
 from cluster.ray_view import NodeView
 from cluster.state import (
@@ -93,37 +91,15 @@ class Pool:
         self.lead = LeadTime(config, store)
         self.failures = 0
         self.next_submit_after = 0.0
+        self.demand_nodes = 0  # set by the control loop from Ray's unmet demand
 
     # ---- bookkeeping --------------------------------------------------------
     def live(self) -> list[Allocation]:
         return self.store.allocations(self.config.name, live_only=True)
 
-    def _event(self, a: Allocation, message: str) -> None:
-        log.info("[%s/%s] %s", self.config.name, a.id, message)
-        self.store.event(self.config.name, a.id, message)
-
-    def _submit(self, predecessor: Allocation | None, now: float) -> Allocation | None:
-        if now < self.next_submit_after:
-            return None
-        if len(self.live()) >= (self.config.max_allocations or 1):
-            return None
-        alloc_id = f"{self.config.name}-{uuid.uuid4().hex[:8]}"
-        spec = WorkerSpec(**{**self.template.__dict__, "allocation_id": alloc_id})
-        try:
-            job_id = self.provider.submit(spec)
-        except ProviderError as err:
-            self._backoff(now, f"submit failed: {err}")
-            return None
-        a = Allocation(id=alloc_id, pool=self.config.name, provider=self.provider.name,
-                       job_id=job_id, submit_time=now,
-                       predecessor=predecessor.id if predecessor else "")
-        self.store.save(a)
-        if predecessor is not None:
-            predecessor.successor = a.id
-            self.store.save(predecessor)
-        self._event(a, f"submitted job {job_id}"
-                    + (f" as successor of {predecessor.id}" if predecessor else ""))
-        return a
+    def _event(self, a: Allocation | None, message: str) -> None:
+        log.info("[%s/%s] %s", self.config.name, a.id if a else "-", message)
+        self.store.event(self.config.name, a.id if a else "", message)
 
     def _backoff(self, now: float, why: str) -> None:
         self.failures += 1
@@ -138,22 +114,29 @@ class Pool:
         self._event(a, f"{phase.lower()}: {reason}")
 
     # ---- the tick ------------------------------------------------------------
-    def tick(self, nodes: list[NodeView] | None, now: float | None = None) -> None:
+    def tick(self, nodes: list[NodeView] | None, now: float | None = None) -> Plan:
         """One pass.  ``nodes`` is None when the Ray view could not be read."""
         now = time.time() if now is None else now
         live = self.live()
         self._refresh_jobs(live, now)
+        live = self.live()
+        node_states = None
         if nodes is not None:
-            self._match_nodes(live, nodes, now)
-            self._handover(live, nodes, now)
-        self._rotate(live, now)
-        self._replace(now)
+            node_states = self._match_nodes(live, nodes, now)
+        plan = decide(self.config, Observation(
+            now=now, allocations=live, nodes=node_states, demand_nodes=self.demand_nodes,
+            lead_s=self.lead.seconds(), drain_lead_s=self.lead.drain_seconds(),
+            submit_blocked=now < self.next_submit_after))
+        self._apply(plan, {a.id: a for a in live}, nodes or [], now)
+        return plan
 
     def steady(self, now: float, horizon_s: float) -> bool:
-        """Nothing for the loop to watch closely: every allocation serving, the pool
-        full, and no rotation or wall-time warning due within ``horizon_s``."""
+        """Nothing for the loop to watch closely: every allocation serving, the floor
+        met, no replica waiting for a node, no idle node to give back, and no
+        rotation or wall-time warning due within ``horizon_s``."""
         live = self.live()
-        if len(live) < self.config.allocations or any(a.phase != SERVING for a in live):
+        if len(live) < self.config.min_allocations or self.demand_nodes or \
+                any(a.phase != SERVING or a.idle_since for a in live):
             return False
         due = max(self.lead.seconds(), self.lead.drain_seconds()) + horizon_s
         return all(a.end_time and now < a.end_time - due
@@ -194,12 +177,16 @@ class Pool:
                 continue
             self.store.save(a)
 
-    def _match_nodes(self, live: list[Allocation], nodes: list[NodeView], now: float) -> None:
+    def _match_nodes(self, live: list[Allocation], nodes: list[NodeView],
+                     now: float) -> dict[str, NodeState]:
         by_alloc = {n.allocation: n for n in nodes if n.alive}
+        states = {}
         for a in live:
             node = by_alloc.get(a.id)
             if node is None:
                 continue
+            states[a.id] = NodeState(alive=True, replicas=len(node.replicas),
+                                     running_replicas=node.running_replicas)
             if not a.joined_time:
                 a.joined_time, a.node_id = now, node.node_id
                 self.store.observe(self.config.name, "startup_s", now - a.submit_time)
@@ -210,29 +197,52 @@ class Pool:
                 pred = next((p for p in live if p.id == a.predecessor), None)
                 if pred is not None and pred.drain_time:
                     self.store.observe(self.config.name, "handover_s", now - pred.drain_time)
+            if node.replicas:
+                a.idle_since = 0.0
+            elif not a.idle_since:
+                a.idle_since = now
             self.store.save(a)
+        return states
 
-    def _handover(self, live: list[Allocation], nodes: list[NodeView], now: float) -> None:
-        by_id = {a.id: a for a in live}
+    # ---- applying the plan -----------------------------------------------------
+    def _apply(self, plan: Plan, by_id: dict[str, Allocation], nodes: list[NodeView],
+               now: float) -> None:
         alive = {n.allocation: n for n in nodes if n.alive}
-        drain_lead = self.lead.drain_seconds()
-        for a in live:
-            succ = by_id.get(a.successor)
-            if a.phase in (STARTING, SERVING) and succ is not None and succ.joined_time:
-                self._drain(a, alive.get(a.id), now, f"successor {succ.id} joined")
-            elif a.phase in (STARTING, SERVING) and a.end_time and \
-                    now >= a.end_time - drain_lead and a.id in alive:
-                self._drain(a, alive.get(a.id), now, "wall-time end near, successor not joined")
-            elif a.phase == DRAINING:
-                node = alive.get(a.id)
-                gone = node is None or not node.replicas
-                overdue = now > a.drain_time + self.config.drain_deadline_s + 10
-                if gone or overdue:
-                    if gone:
-                        self.store.observe(self.config.name, "release_s", now - a.drain_time)
-                    self._cancel(a)
-                    self._finish(a, RETIRED, now, "drained, job released early"
-                                 if gone else "drain deadline passed, job cancelled")
+        for action in plan.actions:
+            if isinstance(action, Submit):
+                if self._submit(by_id.get(action.predecessor), action.reason, now) is None:
+                    break  # the provider refused: the backoff paces the rest
+            elif isinstance(action, Drain):
+                self._drain(by_id[action.allocation], alive.get(action.allocation), now,
+                            action.reason)
+            elif isinstance(action, Release):
+                a = by_id[action.allocation]
+                if action.released:
+                    self.store.observe(self.config.name, "release_s", now - a.drain_time)
+                self._cancel(a)
+                self._finish(a, RETIRED, now, action.reason)
+        if self.failures and any(a.phase == SERVING for a in by_id.values()) and \
+                len(self.live()) >= self.config.min_allocations:
+            self.failures = 0  # healthy again: reset the backoff
+
+    def _submit(self, predecessor: Allocation | None, reason: str,
+                now: float) -> Allocation | None:
+        alloc_id = f"{self.config.name}-{uuid.uuid4().hex[:8]}"
+        spec = WorkerSpec(**{**self.template.__dict__, "allocation_id": alloc_id})
+        try:
+            job_id = self.provider.submit(spec)
+        except ProviderError as err:
+            self._backoff(now, f"submit failed: {err}")
+            return None
+        a = Allocation(id=alloc_id, pool=self.config.name, provider=self.provider.name,
+                       job_id=job_id, submit_time=now,
+                       predecessor=predecessor.id if predecessor else "")
+        self.store.save(a)
+        if predecessor is not None:
+            predecessor.successor = a.id
+            self.store.save(predecessor)
+        self._event(a, f"submitted job {job_id} ({reason})")
+        return a
 
     def _drain(self, a: Allocation, node: NodeView | None, now: float, why: str) -> None:
         a.phase, a.drain_time = DRAINING, now
@@ -248,26 +258,3 @@ class Pool:
             self.provider.cancel(a.job_id)
         except ProviderError as err:
             log.warning("[%s] cancel of %s failed: %s", self.config.name, a.job_id, err)
-
-    def _rotate(self, live: list[Allocation], now: float) -> None:
-        lead = self.lead.seconds()
-        by_id = {a.id: a for a in live}
-        for a in live:
-            if a.phase not in (STARTING, SERVING) or not a.end_time:
-                continue
-            if a.successor and a.successor in by_id:
-                continue  # a live successor is on its way
-            if now >= a.end_time - lead:
-                self._submit(a, now)
-
-    def _replace(self, now: float) -> None:
-        """Keep ``allocations`` slots: one per live chain (old + its live successor)."""
-        live = self.live()
-        ids = {a.id for a in live}
-        slots = sum(1 for a in live if a.phase != DRAINING and a.successor not in ids)
-        for _ in range(self.config.allocations - slots):
-            if self._submit(None, now) is None:
-                break
-        if slots >= self.config.allocations and self.failures and \
-                any(a.phase == SERVING for a in live):
-            self.failures = 0  # healthy again: reset the backoff

@@ -82,6 +82,23 @@ class RayView:
                     by_node.setdefault(rep.get("node_id") or "", []).append(rep)
         return by_node
 
+    def pending_demand(self) -> list[tuple[dict[str, float], int]]:
+        """Resource shapes that tasks and actors wait for, with counts.
+
+        Serve's autoscaler decides each model's replica count; a replica it cannot
+        place is an actor whose lease waits for resources, which every raylet reports
+        to the GCS.  ``GetClusterResourceState`` (what Ray's own autoscaler v2 reads)
+        returns them aggregated by shape: seen on Ray 2.60 as ``{hpc_slot: 1} x 1``
+        for a second replica of a one-slot pool.  Serve's deployment status says less:
+        a STARTING replica may be waiting for a node or loading its engine, and it
+        does not say what resources it needs.
+        """
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+        state = get_cluster_resource_state(self._client())
+        return [(dict(r.request.resources_bundle), int(r.count))
+                for r in state.pending_resource_requests]
+
     def drain(self, node_id: str, deadline_s: float, message: str) -> tuple[bool, str]:
         """Ask the GCS to drain a node: Serve moves its replicas before the deadline."""
         from ray.core.generated import autoscaler_pb2

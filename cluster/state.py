@@ -35,6 +35,7 @@ class Allocation:
     joined_time: float = 0.0      # its Ray node is alive
     serving_time: float = 0.0     # first RUNNING replica on it
     drain_time: float = 0.0       # drain requested
+    idle_since: float = 0.0       # its node has had no Serve replica since (0: has some)
     retired_time: float = 0.0
     predecessor: str = ""
     successor: str = ""
@@ -59,6 +60,11 @@ class StateStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         cols = ", ".join(f"{c} {'TEXT PRIMARY KEY' if c == 'id' else ''}" for c in _COLUMNS)
         self.db.execute(f"CREATE TABLE IF NOT EXISTS allocations ({cols})")
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(allocations)")}
+        for f in fields(Allocation):  # a state.db of an older hpcserve: add new columns
+            if f.name not in have:
+                self.db.execute(f"ALTER TABLE allocations ADD COLUMN {f.name} "
+                                f"DEFAULT {f.default!r}")
         self.db.execute("CREATE TABLE IF NOT EXISTS observations "
                         "(pool TEXT, kind TEXT, value REAL, time REAL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS events "

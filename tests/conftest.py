@@ -26,7 +26,7 @@ def default_config(models: list[dict] | None = None, pool: dict | None = None,
                    args: dict | None = None) -> dict:
     """Our config format with the local provider; override what a test needs."""
     return {
-        "hpcserve": {"pools": [{"name": "local", "provider": "local", "allocations": 1,
+        "hpcserve": {"pools": [{"name": "local", "provider": "local", "min_allocations": 1,
                                 "walltime_s": 3600, **(pool or {})}]},
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": 0},

@@ -60,6 +60,13 @@ def test_embedded_default_is_valid():
     ({"hpcserve": {"pools": [{"name": "p", "provider": "heappe",
                               "provider_options": {"base_url": "https://h", "clusterid": 1}}]},
       "applications": [APP]}, "hpcserve.pools.0.provider_options.clusterid"),
+    # elastic pools: the old name, a floor above the cap, a model that fits no pool
+    ({"hpcserve": {"pools": [{"name": "p", "allocations": 2}]}, "applications": [APP]},
+     "'allocations' is now 'min_allocations'"),
+    ({"hpcserve": {"pools": [{"name": "p", "min_allocations": 3, "max_allocations": 2}]},
+      "applications": [APP]}, "max_allocations must be >= min_allocations"),
+    ({"applications": [{**APP, "args": {"models": [{"name": "m", "num_gpus": 1}]}}]},
+     "applications.0.args.models.0.resources"),
     # no key, yet beyond loopback
     ({"http_options": {"host": "0.0.0.0"}, "applications": [APP]}, "http_options.host"),
     ({"hpcserve": {}}, "applications"),

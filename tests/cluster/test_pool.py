@@ -53,14 +53,14 @@ def _until(predicate, timeout=30.0):
 
 
 def test_keeps_the_configured_number_and_readopts_without_duplicates(tmp_path, script):
-    pool, provider, store = _pool(tmp_path, script, allocations=2)
+    pool, provider, store = _pool(tmp_path, script, min_allocations=2)
     try:
         pool.tick(nodes=[])
         assert len(store.allocations(live_only=True)) == 2
         assert _until(lambda: (pool.tick(nodes=[]), all(
             a.phase == STARTING for a in store.allocations(live_only=True)))[1])
         # A restarted control loop: a new Pool over the same state submits nothing.
-        again, _, _ = _pool(tmp_path, script, store=store, allocations=2)
+        again, _, _ = _pool(tmp_path, script, store=store, min_allocations=2)
         for _ in range(3):
             again.tick(nodes=[])
         assert len(store.allocations()) == 2

@@ -27,7 +27,7 @@ MAX_TOKENS = 1200  # ~2.5 s at the tiny model's c=1 speed: the kill lands mid-st
 @pytest.fixture(scope="module")
 def stack(hpcserve_stack):
     s = hpcserve_stack(
-        name="failover", pool={"allocations": 2},
+        name="failover", pool={"min_allocations": 2},
         args={"ingress": "routed", "models": [
             {"name": "tiny", "engine": "zmq", "max_model_len": 2048, "num_replicas": 2}]})
     yield s

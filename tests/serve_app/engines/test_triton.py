@@ -71,7 +71,7 @@ def triton(hpcserve_stack, tiny_model_dir: Path, stub_env, tmp_path_factory):
     model = {"max_model_len": 2048, "resources": {"hpc_slot": 0.25},
              "health_check_period_s": 1.0, "health_check_timeout_s": 10.0}
     config = {
-        "hpcserve": {"pools": [{"name": "local", "provider": "local", "allocations": 1,
+        "hpcserve": {"pools": [{"name": "local", "provider": "local", "min_allocations": 1,
                                 "walltime_s": 3600, "resources": {"hpc_slot": 1}}]},
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": 0},

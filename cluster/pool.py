@@ -92,6 +92,7 @@ class Pool:
         self.failures = 0
         self.next_submit_after = 0.0
         self.demand_nodes = 0  # set by the control loop from Ray's unmet demand
+        self._demand_seen = 0
 
     # ---- bookkeeping --------------------------------------------------------
     def live(self) -> list[Allocation]:
@@ -117,6 +118,10 @@ class Pool:
     def tick(self, nodes: list[NodeView] | None, now: float | None = None) -> Plan:
         """One pass.  ``nodes`` is None when the Ray view could not be read."""
         now = time.time() if now is None else now
+        if self.demand_nodes != self._demand_seen:
+            self._event(None, f"demand: replicas waiting for {self.demand_nodes} node(s)"
+                        if self.demand_nodes else "demand: no replica waiting")
+            self._demand_seen = self.demand_nodes
         live = self.live()
         self._refresh_jobs(live, now)
         live = self.live()

@@ -54,6 +54,10 @@ class PoolConfig(_Strict):
     max_allocations: int | None = Field(default=None, ge=1, description=(
         "cap on serving allocations when Serve wants more replicas than fit (default "
         "max(min_allocations, 1)); successors and draining jobs of a rotation come on top"))
+    max_node_hours_per_day: float | None = Field(default=None, gt=0, description=(
+        "node-hours this pool may use in any 24 h: used ones plus what running and "
+        "queued jobs may still use (their wall-time); at the limit nothing more is "
+        "submitted, not even a rotation's successor, and what runs is kept"))
     idle_release_s: float = Field(default=300, ge=0, description=(
         "an allocation above the floor whose node has had no replica this long is "
         "drained and its job cancelled"))

@@ -19,6 +19,8 @@ The rules, in the order they are applied:
 5. **Demand**: replicas Serve wants but cannot place (``demand_nodes`` of this
    pool's nodes, from Ray's autoscaler state): submit what is missing after counting
    the jobs already queued or starting, never above ``max_allocations``.
+6. **Budget** (``max_node_hours_per_day``): a submit whose wall-time does not fit
+   in what is left of the day's node-hours is held back, with the reason.
 """
 
 from __future__ import annotations
@@ -74,11 +76,13 @@ class Observation:
     lead_s: float = 0.0                        # submit a successor this long before the end
     drain_lead_s: float = 0.0                  # drain this long before the end
     submit_blocked: bool = False               # backoff after failures
+    budget_left_s: float | None = None         # node-seconds a new job may still take
 
 
 @dataclass
 class Plan:
     actions: list[Action] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # submits the budget held back
 
     def submits(self) -> list[Submit]:
         return [a for a in self.actions if isinstance(a, Submit)]
@@ -95,6 +99,47 @@ def idle_for(a: Allocation, now: float) -> float:
 
 
 def decide(config: PoolConfig, obs: Observation) -> Plan:
+    plan = _decide(config, obs)
+    if obs.budget_left_s is None:
+        return plan
+    # 6. budget: a job may use its whole wall-time; what does not fit is not submitted
+    left, kept = obs.budget_left_s, []
+    for action in plan.actions:
+        if isinstance(action, Submit):
+            if left < config.walltime_s:
+                plan.refused.append(f"budget: {action.reason} needs {config.walltime_s / 3600:.2f}"
+                                    f" node-hours, {max(left, 0) / 3600:.2f} left today")
+                continue
+            left -= config.walltime_s
+        kept.append(action)
+    plan.actions = kept
+    return plan
+
+
+def budget_left_s(config: PoolConfig, allocations: Iterable[Allocation],
+                  now: float) -> float | None:
+    """Node-seconds of ``max_node_hours_per_day`` not yet used or committed.
+
+    Used: every job's run time inside the last 24 h (start to release; a job
+    released early counts only until its release).  Committed: what running jobs may
+    still use until their wall-time end, and a queued job's whole wall-time.
+    """
+    if config.max_node_hours_per_day is None:
+        return None
+    window = now - 86400
+    spent = 0.0
+    for a in allocations:
+        if a.phase == QUEUED:
+            spent += config.walltime_s
+        elif a.start_time:
+            end = a.retired_time or now
+            spent += max(0.0, min(end, now) - max(a.start_time, window))
+            if not a.retired_time:  # running: it may use the rest of its wall-time
+                spent += max(0.0, a.end_time - now)
+    return config.max_node_hours_per_day * 3600 - spent
+
+
+def _decide(config: PoolConfig, obs: Observation) -> Plan:
     plan = Plan()
     live = obs.allocations
     by_id = {a.id: a for a in live}

@@ -20,7 +20,16 @@ import uuid
 from typing import Callable
 
 from cluster.config import PoolConfig
-from cluster.policy import Drain, NodeState, Observation, Plan, Release, Submit, decide
+from cluster.policy import (
+    Drain,
+    NodeState,
+    Observation,
+    Plan,
+    Release,
+    Submit,
+    budget_left_s,
+    decide,
+)
 from cluster.providers.base import JobState, Provider, ProviderError, WorkerSpec
 from cluster.ray_view import NodeView
 from cluster.state import (
@@ -93,6 +102,7 @@ class Pool:
         self.next_submit_after = 0.0
         self.demand_nodes = 0  # set by the control loop from Ray's unmet demand
         self._demand_seen = 0
+        self._refused_seen: list[str] = []
 
     # ---- bookkeeping --------------------------------------------------------
     def live(self) -> list[Allocation]:
@@ -131,7 +141,13 @@ class Pool:
         plan = decide(self.config, Observation(
             now=now, allocations=live, nodes=node_states, demand_nodes=self.demand_nodes,
             lead_s=self.lead.seconds(), drain_lead_s=self.lead.drain_seconds(),
-            submit_blocked=now < self.next_submit_after))
+            submit_blocked=now < self.next_submit_after,
+            budget_left_s=budget_left_s(self.config, self.store.allocations(self.config.name),
+                                        now)))
+        if plan.refused != self._refused_seen:
+            for why in plan.refused:
+                self._event(None, why)
+            self._refused_seen = plan.refused
         self._apply(plan, {a.id: a for a in live}, nodes or [], now)
         return plan
 

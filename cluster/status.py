@@ -8,6 +8,7 @@ from pathlib import Path
 from cluster.config import load_config
 from cluster.head import HeadInfo, serve_status
 from cluster.listening import listeners
+from cluster.policy import budget_left_s
 from cluster.service import run_dir_of
 from cluster.state import StateStore
 from serve_app.processes import pid_alive
@@ -45,12 +46,29 @@ def collect(home: Path) -> dict:
                              for r in dep.get("replicas") or []]}
         out["applications"][name] = {"status": app.get("status"), "deployments": deployments}
     try:
-        authenticated = load_config(run_dir / "config.yaml").authenticated
+        config = load_config(run_dir / "config.yaml")
+        authenticated = config.authenticated
+        out["pools"] = [_pool_summary(pc, store, now) for pc in config.cluster.pools]
     except Exception:  # a config edited since `up`: say so rather than guess
         authenticated = False
     out["ports"] = [item.as_dict() for item in listeners(run_dir, head, authenticated)]
     out["events"] = [f"{time.strftime('%H:%M:%S', time.localtime(t))} {alloc} {msg}"
                      for t, _, alloc, msg in store.events(10)]
+    return out
+
+
+def _pool_summary(pc, store: StateStore, now: float) -> dict:
+    allocations = store.allocations(pc.name)
+    live = [a for a in allocations if a.live]
+    out = {"pool": pc.name, "min_allocations": pc.min_allocations,
+           "max_allocations": pc.max_allocations, "live": len(live),
+           "serving": sum(a.phase == "SERVING" for a in live)}
+    left = budget_left_s(pc, allocations, now)
+    if left is not None:
+        budget = pc.max_node_hours_per_day
+        out["node_hours_budget"] = budget
+        out["node_hours_left"] = round(left / 3600, 2)
+        out["node_hours_used_or_committed"] = round(budget - left / 3600, 2)
     return out
 
 
@@ -61,6 +79,12 @@ def render(s: dict) -> str:
              f"head pid {s['head_pid']}   control loop pid {s['control_pid']} "
              f"({'alive' if s['control_alive'] else 'DEAD'})", "",
              f"{'ALLOCATION':24} {'PROVIDER':8} {'JOB':18} {'PHASE':9} {'NODE':14} WALL-TIME LEFT"]
+    for p in reversed(s.get("pools", [])):
+        budget = (f"; node-hours used or committed {p['node_hours_used_or_committed']} of "
+                  f"{p['node_hours_budget']} today, {p['node_hours_left']} left"
+                  if "node_hours_budget" in p else "")
+        lines.insert(2, f"pool {p['pool']}: {p['serving']} serving, {p['live']} live "
+                        f"(min {p['min_allocations']}, max {p['max_allocations']}){budget}")
     for a in s["allocations"]:
         left = "-" if a["walltime_left_s"] is None else f"{a['walltime_left_s']}s"
         lines.append(f"{a['id']:24} {a['provider']:8} {a['job']:18} {a['phase']:9} "

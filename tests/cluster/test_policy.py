@@ -9,10 +9,11 @@ from cluster.policy import (
     Observation,
     Release,
     Submit,
+    budget_left_s,
     decide,
     demand_by_pool,
 )
-from cluster.state import DRAINING, QUEUED, SERVING, STARTING, Allocation
+from cluster.state import DRAINING, QUEUED, RETIRED, SERVING, STARTING, Allocation
 
 NOW = 100_000.0
 
@@ -144,3 +145,29 @@ def test_demand_goes_to_the_first_pool_whose_node_fits():
               ({"serve_head": 0.001}, 1)]                   # the head's: no pool
     assert demand_by_pool([cpu, gpu], demand) == {"cpu": 3, "gpu": 2}
     assert demand_by_pool([cpu], [({"hpc_slot": 1.0, "CPU": 4.0}, 1)]) == {"cpu": 0}
+
+
+def test_budget_holds_back_what_does_not_fit_and_keeps_what_runs():
+    config = _pool(min_allocations=1, max_allocations=3, walltime_s=3600,
+                   max_node_hours_per_day=2.0)
+    running = _alloc("a", start_time=NOW - 1800, end_in=1800)  # 0.5 h used + 0.5 h committed
+    left = budget_left_s(config, [running], NOW)
+    assert left == 2 * 3600 - 3600
+    plan = decide(config, Observation(now=NOW, allocations=[running],
+                                      nodes={"a": _serving()}, demand_nodes=2,
+                                      budget_left_s=left))
+    assert len(plan.submits()) == 1  # one more hour fits, the second does not
+    assert len(plan.refused) == 1 and plan.refused[0].startswith("budget: demand")
+
+
+def test_budget_edge_counts_released_jobs_only_until_their_release():
+    config = _pool(min_allocations=1, walltime_s=3600, max_node_hours_per_day=1.0)
+    released = _alloc("r", RETIRED, start_time=NOW - 7200, end_in=-3600,
+                      retired_time=NOW - 5400)  # ran 0.5 h, released 1.5 h before its end
+    old = _alloc("o", RETIRED, start_time=NOW - 90000, retired_time=NOW - 86500)  # yesterday
+    left = budget_left_s(config, [released, old], NOW)
+    assert left == 3600 - 1800
+    plan = decide(config, Observation(now=NOW, allocations=[], nodes={}, budget_left_s=left))
+    assert plan.submits() == [] and plan.refused  # the floor's job needs 1 h, 0.5 h left
+    assert len(decide(config, Observation(now=NOW, allocations=[], nodes={},
+                                          budget_left_s=3600)).submits()) == 1

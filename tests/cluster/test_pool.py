@@ -26,7 +26,7 @@ def script(tmp_path):
 
 
 def _pool(tmp_path, script, store=None, queue_delay_s=0.0, **overrides):
-    config = PoolConfig(name="p", walltime_s=600, **overrides)
+    config = PoolConfig(**{"name": "p", "walltime_s": 600, **overrides})
     provider = LocalProvider(tmp_path / "jobs", job_script=script, queue_delay_s=queue_delay_s,
                              kill_grace_s=2)
     store = store or StateStore(tmp_path / "state.db")
@@ -202,5 +202,23 @@ def test_steady_only_while_all_serve_far_from_rotation(tmp_path, script):
         # Within lead time + horizon of the wall-time end: not steady any more.
         assert not pool.steady(a.end_time - 120 - 5, 10)
         assert pool.steady(a.end_time - 120 - 15, 10)
+    finally:
+        _cancel_all(provider, store)
+
+
+def test_budget_of_one_allocation_hour_stops_the_pool_growing_and_says_so(tmp_path, script):
+    pool, provider, store = _pool(tmp_path, script, min_allocations=1, max_allocations=3,
+                                  walltime_s=3600, max_node_hours_per_day=1.0)
+    try:
+        pool.demand_nodes = 2  # Serve wants two more replicas than fit
+        pool.tick(nodes=[])
+        pool.tick(nodes=[])
+        assert len(store.allocations()) == 1  # the first hour is the whole budget
+        messages = [m for _, _, _, m in store.events()]
+        assert any(m.startswith("budget: floor") or m.startswith("budget: demand")
+                   for m in messages), messages
+        from cluster.status import _pool_summary
+        summary = _pool_summary(pool.config, store, time.time())
+        assert summary["node_hours_left"] <= 0.0 and summary["node_hours_budget"] == 1.0
     finally:
         _cancel_all(provider, store)

@@ -45,11 +45,11 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_control(args) -> int:
-    """Restart the control loop (after a crash or an upgrade); jobs are re-adopted."""
+    """Start the control loop's supervisor again (if it was stopped); jobs are re-adopted."""
     from cluster.head import HeadInfo
     from cluster.service import home_dir, run_dir_of, start_control
     run_dir = run_dir_of(home_dir(args.home))
-    print(f"control loop pid {start_control(run_dir, HeadInfo.load(run_dir))}")
+    print(f"control loop supervisor pid {start_control(run_dir, HeadInfo.load(run_dir))}")
     return 0
 
 
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_home(sub.add_parser("status", help="allocations, models, replicas"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
-    with_home(sub.add_parser("control", help="(re)start the control loop of a running head")
+    with_home(sub.add_parser("control", help="start the control loop's supervisor again (the "
+              "supervisor itself restarts a loop that dies)")
               ).set_defaults(func=_cmd_control)
     p = with_home(sub.add_parser("deploy", help="update models/autoscaling in place"))
     p.add_argument("-c", "--config", required=True)

@@ -35,7 +35,8 @@ class Listener:
 
 def _roots(run_dir: Path, head: HeadInfo) -> list[int]:
     pids = [head.pid]
-    for pid_file in [run_dir / "control.pid", *run_dir.glob("jobs/*/*/supervisor.pid")]:
+    for pid_file in [run_dir / "supervisor.pid", run_dir / "control.pid",
+                     *run_dir.glob("jobs/*/*/supervisor.pid")]:
         try:
             pids.append(int(pid_file.read_text()))
         except (OSError, ValueError):

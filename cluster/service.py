@@ -69,23 +69,24 @@ def up(config_path: str | None, home: Path, wait: bool = True, timeout_s: float 
              f"dashboard {head.dashboard_url}")
     control_pid = start_control(run_dir, head)
     deploy_serve(head, config.serve)
-    progress(f"serve config deployed; control loop pid {control_pid}")
+    progress(f"serve config deployed; control loop supervisor pid {control_pid}")
     if wait:
         wait_ready(head, config, timeout_s, progress, t0)
     return head
 
 
 def start_control(run_dir: Path, head: HeadInfo) -> int:
-    """Start the control loop detached; it re-adopts whatever state.db records."""
-    pid_file = run_dir / "control.pid"
+    """Start the control loop under its supervisor, detached; the loop re-adopts
+    whatever state.db records.  Returns the supervisor's pid."""
+    pid_file = run_dir / "supervisor.pid"
     if pid_file.exists() and pid_alive(int(pid_file.read_text())):
-        raise RuntimeError(f"control loop already running (pid {pid_file.read_text()})")
-    log = open(run_dir / "logs" / "control.log", "ab")
-    control = subprocess.Popen([sys.executable, "-m", "cluster.control", str(run_dir)],
-                               env=head.process_env(), stdout=log, stderr=log,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
-    pid_file.write_text(str(control.pid))
-    return control.pid
+        raise RuntimeError(f"control loop already supervised (pid {pid_file.read_text()})")
+    log = open(run_dir / "logs" / "supervisor.log", "ab")
+    supervisor = subprocess.Popen([sys.executable, "-m", "cluster.supervisor", str(run_dir)],
+                                  env=head.process_env(), stdout=log, stderr=log,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    pid_file.write_text(str(supervisor.pid))
+    return supervisor.pid
 
 
 def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progress,
@@ -136,11 +137,12 @@ def down(home: Path, progress=print) -> None:
         progress("nothing running")
         return
     head = HeadInfo.load(run_dir)
-    control_pid = int((run_dir / "control.pid").read_text()) if (
-        run_dir / "control.pid").exists() else 0
-    if control_pid and pid_alive(control_pid):
-        stop_process_group(control_pid, grace_s=10)
-        progress(f"control loop {control_pid} stopped")
+    for name in ("supervisor.pid", "control.pid"):  # the supervisor's group holds the loop
+        pid = int((run_dir / name).read_text()) if (run_dir / name).exists() else 0
+        if pid and pid_alive(pid):
+            stop_process_group(pid, grace_s=10)
+            progress(f"control loop {'supervisor ' if name == 'supervisor.pid' else ''}"
+                     f"{pid} stopped")
     if (run_dir / "state.db").exists():
         _cancel_allocations(run_dir, progress)
     stop_session(head.pid)  # the head's group and strays like Serve's HAProxy

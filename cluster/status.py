@@ -11,6 +11,7 @@ from cluster.listening import listeners
 from cluster.policy import budget_left_s
 from cluster.service import run_dir_of
 from cluster.state import StateStore
+from cluster.supervisor import restarts
 from serve_app.processes import pid_alive
 
 
@@ -19,10 +20,16 @@ def collect(home: Path) -> dict:
     if not (run_dir / "head.json").exists():
         return {"running": False}
     head = HeadInfo.load(run_dir)
-    control_pid = int((run_dir / "control.pid").read_text())
+    control_pid = int((run_dir / "control.pid").read_text()) if (
+        run_dir / "control.pid").exists() else 0
+    supervisor = run_dir / "supervisor.pid"
+    supervisor_pid = int(supervisor.read_text()) if supervisor.exists() else 0
+    restart_count, restart_time = restarts(run_dir)
     out: dict = {"running": pid_alive(head.pid), "endpoint": f"{head.http_url}/v1",
                  "dashboard": head.dashboard_url, "head_pid": head.pid,
-                 "control_pid": control_pid, "control_alive": pid_alive(control_pid)}
+                 "control_pid": control_pid, "control_alive": pid_alive(control_pid),
+                 "supervisor_pid": supervisor_pid, "supervisor_alive": pid_alive(supervisor_pid),
+                 "control_restarts": restart_count, "control_last_restart": restart_time}
     store = StateStore(run_dir / "state.db")
     now = time.time()
     out["allocations"] = [{
@@ -77,7 +84,9 @@ def render(s: dict) -> str:
         return "hpcserve: not running"
     lines = [f"endpoint  {s['endpoint']}   dashboard {s['dashboard']}",
              f"head pid {s['head_pid']}   control loop pid {s['control_pid']} "
-             f"({'alive' if s['control_alive'] else 'DEAD'})", "",
+             f"({'alive' if s['control_alive'] else 'DEAD'}; supervisor "
+             f"{'alive' if s.get('supervisor_alive') else 'DEAD'}, "
+             f"{s.get('control_restarts', 0)} restarts)", "",
              f"{'ALLOCATION':24} {'PROVIDER':8} {'JOB':18} {'PHASE':9} {'NODE':14} WALL-TIME LEFT"]
     for p in reversed(s.get("pools", [])):
         budget = (f"; node-hours used or committed {p['node_hours_used_or_committed']} of "

@@ -5,6 +5,9 @@ Nothing fails on the way.  Timings are printed for the closing note."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 
 import pytest
@@ -51,7 +54,15 @@ def test_a_spike_grows_the_pool_and_silence_shrinks_it(stack):
     store = StateStore(stack.home / "run" / "state.db")
     assert len(store.allocations(live_only=True)) == 1
     started = time.time()
+    run_dir = stack.home / "run"
     with Clients(stack, 8) as clients:
+        # mid-scale-up, the control loop is killed: its supervisor restarts it, and the
+        # restarted loop re-adopts the queued/starting jobs instead of submitting again
+        _wait(lambda: len(store.allocations(live_only=True)) == 3, 300, "2 jobs submitted")
+        loop_pid = int((run_dir / "control.pid").read_text())
+        os.kill(loop_pid, signal.SIGKILL)
+        _wait(lambda: int((run_dir / "control.pid").read_text()) != loop_pid, 30,
+              "the supervisor to restart the control loop")
         _wait(lambda: len(_serving(store)) == 3, 300, "3 serving allocations")
         grown = time.time()
         time.sleep(15)  # the three replicas serve the spike together
@@ -63,7 +74,9 @@ def test_a_spike_grows_the_pool_and_silence_shrinks_it(stack):
 
     allocations = store.allocations()
     extra = [a for a in allocations if a.submit_time >= started]
-    assert len(extra) == 2, [(a.id, a.phase, a.reason) for a in allocations]
+    assert len(extra) == 2, [(a.id, a.phase, a.reason) for a in allocations]  # no duplicate
+    status = json.loads(stack.cli("status", "--json").stdout)
+    assert status["control_restarts"] == 1 and status["control_alive"], status
     # two of the three given back (the shortest wall-time left goes first, which may
     # be the original one), drained and released early, none failed
     released = [a for a in allocations if a.phase == RETIRED]

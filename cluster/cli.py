@@ -49,7 +49,12 @@ def _cmd_control(args) -> int:
     from cluster.head import HeadInfo
     from cluster.service import home_dir, run_dir_of, start_control
     run_dir = run_dir_of(home_dir(args.home))
-    print(f"control loop supervisor pid {start_control(run_dir, HeadInfo.load(run_dir))}")
+    try:
+        pid = start_control(run_dir, HeadInfo.load(run_dir))
+    except RuntimeError as err:
+        print(f"hpcserve: {err}", file=sys.stderr)
+        return 1
+    print(f"control loop supervisor pid {pid}")
     return 0
 
 

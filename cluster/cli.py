@@ -25,6 +25,7 @@ def _cmd_up(args) -> int:
     print(f"\nendpoint:  {head.http_url}/v1\ndashboard: {head.dashboard_url}"
           f"\nmetrics:   {head.metrics_url} (head); all nodes:"
           f" Prometheus file_sd {head.prometheus_file_sd}"
+          f"\ncontrol:   {head.control_metrics_url} (the pools' decisions)"
           f"\nupdate:    serve deploy {home_dir(args.home)}/run/serve.yaml -a {head.dashboard_url}"
           " (RAY_AUTH_TOKEN_PATH=" + head.token_path + ")")
     return 0

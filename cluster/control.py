@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster import metrics
 from cluster.config import load_config
 from cluster.head import HeadInfo
 from cluster.policy import demand_by_pool
@@ -69,6 +70,8 @@ def run(run_dir: Path) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if head.control_metrics_port:
+        metrics.serve(head.control_metrics_port)
     adopted = store.allocations(live_only=True)
     log.info("control loop up; re-adopting %d live allocations: %s", len(adopted),
              [a.id for a in adopted])
@@ -80,6 +83,7 @@ def run(run_dir: Path) -> None:
         except Exception as err:  # head restarting, dashboard busy: act without it
             log.warning("cluster view unavailable: %s", err)
             nodes, demand = None, {}
+        metrics.TICKS.inc()
         for pool in pools:
             pool.demand_nodes = demand.get(pool.config.name, 0)
         for pool in pools:

@@ -101,6 +101,11 @@ class HeadInfo:
     token_path: str
     env: dict[str, str] = field(default_factory=dict)
     private_dir: str = ""  # 0700: holds Ray's temp dir and HAProxy's files
+    control_metrics_port: int = 0  # the control loop's Prometheus metrics (loopback)
+
+    @property
+    def control_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.control_metrics_port}/metrics"
 
     def save(self, run_dir: Path) -> None:
         (run_dir / "head.json").write_text(json.dumps(asdict(self), indent=2))
@@ -159,7 +164,7 @@ def start_head(config: HpcserveConfig, run_dir: Path, token_path: Path,
     node_args, node_env = node_port_args(cfg.node_ip, cfg.metrics_export_port)
     env.update(node_env)
     gcs_port, dash_port = cfg.gcs_port or free_ports(1)[0], cfg.dashboard_port or free_ports(1)[0]
-    client_port, dash_metrics, autoscaler_metrics = free_ports(3)
+    client_port, dash_metrics, autoscaler_metrics, control_metrics = free_ports(4)
     # Ray's defaults are fixed (44227, 44217): a second head on the machine collided.
     env.update({"DASHBOARD_METRIC_PORT": str(dash_metrics),
                 "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics)})
@@ -178,7 +183,7 @@ def start_head(config: HpcserveConfig, run_dir: Path, token_path: Path,
                     dashboard_url=f"http://127.0.0.1:{dash_port}", metrics_port=metrics_port,
                     http_url=f"http://{config.http_host}:{config.http_port}",
                     temp_dir=str(temp_dir), token_path=str(token_path), env=env,
-                    private_dir=str(private_dir))
+                    private_dir=str(private_dir), control_metrics_port=control_metrics)
     info.save(run_dir)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

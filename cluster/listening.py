@@ -95,6 +95,8 @@ def _role(name: str, host: str, port: int, head: HeadInfo,
         if host in ("0.0.0.0", "::"):
             return "Ray node Prometheus metrics", "none"
         return "Ray dashboard agent", ray_auth
+    if "cluster.control" in name and port == head.control_metrics_port:
+        return "hpcserve control-plane metrics", "none"
     if "zmq_engine" in name:
         return "hpcserve ZMQ engine", "none"
     if port == int(head.dashboard_url.rsplit(":", 1)[1]):

@@ -126,17 +126,18 @@ def budget_left_s(config: PoolConfig, allocations: Iterable[Allocation],
     """
     if config.max_node_hours_per_day is None:
         return None
+    allocations = list(allocations)
+    committed = sum(config.walltime_s if a.phase == QUEUED else max(0.0, a.end_time - now)
+                    for a in allocations if a.live and (a.phase == QUEUED or a.start_time))
+    return config.max_node_hours_per_day * 3600 - node_seconds_used(allocations, now) \
+        - committed
+
+
+def node_seconds_used(allocations: Iterable[Allocation], now: float) -> float:
+    """Node-seconds the jobs ran in the last 24 h (a released job until its release)."""
     window = now - 86400
-    spent = 0.0
-    for a in allocations:
-        if a.phase == QUEUED:
-            spent += config.walltime_s
-        elif a.start_time:
-            end = a.retired_time or now
-            spent += max(0.0, min(end, now) - max(a.start_time, window))
-            if not a.retired_time:  # running: it may use the rest of its wall-time
-                spent += max(0.0, a.end_time - now)
-    return config.max_node_hours_per_day * 3600 - spent
+    return sum(max(0.0, min(a.retired_time or now, now) - max(a.start_time, window))
+               for a in allocations if a.start_time)
 
 
 def _decide(config: PoolConfig, obs: Observation) -> Plan:

@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Callable
 
+from cluster import metrics
 from cluster.config import PoolConfig
 from cluster.policy import (
     Drain,
@@ -29,12 +30,14 @@ from cluster.policy import (
     Submit,
     budget_left_s,
     decide,
+    node_seconds_used,
 )
 from cluster.providers.base import JobState, Provider, ProviderError, WorkerSpec
 from cluster.ray_view import NodeView
 from cluster.state import (
     DRAINING,
     FAILED,
+    LIVE_PHASES,
     QUEUED,
     RETIRED,
     SERVING,
@@ -120,6 +123,8 @@ class Pool:
         self.store.event(self.config.name, "", f"{why}; backoff {delay:.0f}s")
 
     def _finish(self, a: Allocation, phase: str, now: float, reason: str) -> None:
+        if phase == FAILED:
+            metrics.FAILURES.labels(self.config.name).inc()
         a.phase, a.retired_time, a.reason = phase, now, reason
         self.store.save(a)
         self._event(a, f"{phase.lower()}: {reason}")
@@ -144,12 +149,24 @@ class Pool:
             submit_blocked=now < self.next_submit_after,
             budget_left_s=budget_left_s(self.config, self.store.allocations(self.config.name),
                                         now)))
+        self._export(live, now)
         if plan.refused != self._refused_seen:
             for why in plan.refused:
                 self._event(None, why)
             self._refused_seen = plan.refused
         self._apply(plan, {a.id: a for a in live}, nodes or [], now)
         return plan
+
+    def _export(self, live: list[Allocation], now: float) -> None:
+        name = self.config.name
+        for phase in LIVE_PHASES:
+            metrics.ALLOCATIONS.labels(name, phase).set(sum(a.phase == phase for a in live))
+        metrics.UNMET_DEMAND.labels(name).set(self.demand_nodes)
+        everything = self.store.allocations(name)
+        metrics.NODE_SECONDS.labels(name).set(node_seconds_used(everything, now))
+        left = budget_left_s(self.config, everything, now)
+        if left is not None:
+            metrics.BUDGET_LEFT.labels(name).set(left / 3600)
 
     def steady(self, now: float, horizon_s: float) -> bool:
         """Nothing for the loop to watch closely: every allocation serving, the floor
@@ -181,6 +198,7 @@ class Pool:
                 a.end_time = info.end_time or (a.start_time + self.config.walltime_s)
                 a.node = info.node or ""
                 self.store.observe(self.config.name, "queue_wait_s", a.start_time - a.submit_time)
+                metrics.QUEUE_WAIT.labels(self.config.name).observe(a.start_time - a.submit_time)
                 self._event(a, f"job {a.job_id} running on {a.node}")
             if info.end_time and info.state is JobState.RUNNING:
                 a.end_time = info.end_time
@@ -211,6 +229,7 @@ class Pool:
             if not a.joined_time:
                 a.joined_time, a.node_id = now, node.node_id
                 self.store.observe(self.config.name, "startup_s", now - a.submit_time)
+                metrics.STARTUP.labels(self.config.name).observe(now - a.submit_time)
                 self._event(a, f"node {node.ip} joined ({now - a.submit_time:.1f}s after submit)")
             if node.running_replicas and a.phase in (QUEUED, STARTING):
                 a.phase, a.serving_time = SERVING, now
@@ -263,9 +282,11 @@ class Pool:
             predecessor.successor = a.id
             self.store.save(predecessor)
         self._event(a, f"submitted job {job_id} ({reason})")
+        metrics.SUBMITS.labels(self.config.name, metrics.reason_kind(reason)).inc()
         return a
 
     def _drain(self, a: Allocation, node: NodeView | None, now: float, why: str) -> None:
+        metrics.DRAINS.labels(self.config.name, metrics.reason_kind(why)).inc()
         a.phase, a.drain_time = DRAINING, now
         self.store.save(a)
         if node is None:

@@ -241,6 +241,51 @@ def test_logprobs_match_bare_vllm(clients):
     assert o.choices[0].logprobs.text_offset[0] == 0
 
 
+def test_penalties_and_logit_bias_match_bare_vllm(clients, tiny_model_dir):
+    """presence/frequency_penalty and logit_bias reach vLLM's sampler as bare vLLM's
+    server passes them: same greedy tokens, and +100 on one token makes it the output."""
+    from transformers import AutoTokenizer
+
+    (hello,) = AutoTokenizer.from_pretrained(tiny_model_dir)(
+        " hello", add_special_tokens=False)["input_ids"]
+    bare, ours = clients
+    greedy = dict(max_tokens=12, temperature=0.0, extra_body={"ignore_eos": True})
+    cases = [dict(logit_bias={str(hello): 100}),
+             dict(logit_bias={str(hello): 15}, frequency_penalty=2.0, presence_penalty=1.0),
+             dict(frequency_penalty=-1.5, presence_penalty=0.5)]
+    for case in cases:
+        assert _completion(ours, False, prompt=PROMPTS[0], **greedy, **case) == \
+            _completion(bare, False, prompt=PROMPTS[0], **greedy, **case), case
+        assert _chat(ours, True, messages=CHATS[0], **greedy, **case) == \
+            _chat(bare, True, messages=CHATS[0], **greedy, **case), case
+    biased = _completion(ours, False, prompt=PROMPTS[0], **greedy, **cases[0])
+    assert biased[0] == " hello" * 12
+    with pytest.raises(openai.BadRequestError) as info:  # vLLM's vocabulary check
+        ours.completions.create(model="tiny", prompt="hi", max_tokens=2,
+                                logit_bias={"99999999": 1})
+    assert info.value.body["param"] == "logit_bias"
+
+
+def test_continuous_usage_stats_match_bare_vllm(clients):
+    """``continuous_usage_stats`` (guidellm sends it): usage so far on every chunk, the
+    prompt's tokens from the first chunk on, as bare vLLM's server sends them.  Chunk
+    boundaries differ (hpcserve streams every 4 tokens), so the counts are compared."""
+    bare, ours = clients
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for create, kw in ((lambda c: c.chat.completions.create, {"messages": CHATS[1]}),
+                       (lambda c: c.completions.create, {"prompt": PROMPTS[1]})):
+        usages = []
+        for client in (bare, ours):
+            chunks = list(create(client)(model="tiny", stream=True, stream_options=options,
+                                         **GREEDY, **kw))
+            assert all(c.usage is not None for c in chunks)
+            counts = [c.usage.completion_tokens for c in chunks]
+            assert counts == sorted(counts)
+            usages.append(({c.usage.prompt_tokens for c in chunks}, chunks[-1].usage.model_dump(
+                include={"prompt_tokens", "completion_tokens", "total_tokens"})))
+        assert usages[1] == usages[0] and len(usages[0][0]) == 1
+
+
 def test_engine_emits_the_first_token_then_every_stream_interval_tokens(clients):
     """vLLM's ``stream_interval`` (hpcserve's default 4): the engine emits the first
     token on its own (TTFT untouched) and then every 4 tokens, and nothing is lost.

@@ -16,6 +16,7 @@ from pathlib import Path
 from cluster import metrics
 from cluster.config import load_config
 from cluster.head import HeadInfo
+from cluster.model_state import model_states, publish
 from cluster.policy import demand_by_pool
 from cluster.pool import Pool
 from cluster.providers import make_provider
@@ -55,12 +56,27 @@ def build_pools(run_dir: Path, head: HeadInfo, store: StateStore, view: RayView)
     return pools
 
 
+def _publish_model_state(view: RayView, pools: list[Pool], serve: dict,
+                         store: StateStore) -> None:
+    now = time.time()
+    models = [m for app in serve.get("applications") or []
+              for m in (app.get("args") or {}).get("models") or []]
+    states = model_states(models, view.deployments, [p.config for p in pools],
+                          store.allocations(live_only=True),
+                          {p.config.name: why for p in pools if (why := p.blocked(now))}, now)
+    try:
+        publish(view, states)
+    except Exception as err:  # the GCS restarting: the replicas keep their last copy
+        log.warning("model state not published: %s", err)
+
+
 def run(run_dir: Path) -> None:
     head = HeadInfo.load(run_dir)
     store = StateStore(run_dir / "state.db")
     view = RayView(head)
     pools = build_pools(run_dir, head, store, view)
-    cluster = load_config(run_dir / "config.yaml").cluster
+    config = load_config(run_dir / "config.yaml")
+    cluster = config.cluster
     interval, idle_interval = cluster.control_interval_s, cluster.control_idle_interval_s
     stopping = False
 
@@ -91,6 +107,8 @@ def run(run_dir: Path) -> None:
                 pool.tick(nodes)
             except Exception:
                 log.exception("pool %s tick failed", pool.config.name)
+        if nodes is not None:
+            _publish_model_state(view, pools, config.serve, store)
         (run_dir / "control.heartbeat").write_text(str(time.time()))
         # Slow down while all is steady; the horizon keeps a rotation from being
         # noticed up to one idle period late.

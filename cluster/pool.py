@@ -106,6 +106,7 @@ class Pool:
         self.demand_nodes = 0  # set by the control loop from Ray's unmet demand
         self._demand_seen = 0
         self._refused_seen: list[str] = []
+        self._last_failure = ""
 
     # ---- bookkeeping --------------------------------------------------------
     def live(self) -> list[Allocation]:
@@ -115,7 +116,16 @@ class Pool:
         log.info("[%s/%s] %s", self.config.name, a.id if a else "-", message)
         self.store.event(self.config.name, a.id if a else "", message)
 
+    def blocked(self, now: float) -> str:
+        """Why this pool cannot add a node now ("" when it can)."""
+        if self._refused_seen:
+            return self._refused_seen[0]
+        if self.failures and now < self.next_submit_after:
+            return f"{self._last_failure}; next try in {self.next_submit_after - now:.0f} s"
+        return ""
+
     def _backoff(self, now: float, why: str) -> None:
+        self._last_failure = why
         self.failures += 1
         delay = min(300.0, 2.0 * 2 ** min(self.failures, 8))
         self.next_submit_after = now + delay

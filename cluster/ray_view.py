@@ -43,6 +43,7 @@ class RayView:
         # One client for every tick: a new one builds an SSL context (the CA bundle is
         # parsed), which was most of the idle control loop's CPU (0.73 -> 0.10 % of a core).
         self._http = httpx.Client(timeout=10)
+        self.deployments: dict[str, dict] = {}  # Serve's deployment details, last nodes()
 
     def _client(self):
         if self._gcs is None:
@@ -75,12 +76,19 @@ class RayView:
                            headers=self.head.auth_headers())
         r.raise_for_status()
         by_node: dict[str, list[dict]] = {}
+        deployments = {}
         for app in (r.json().get("applications") or {}).values():
             for name, dep in (app.get("deployments") or {}).items():
+                deployments[name] = dep
                 for rep in dep.get("replicas") or []:
                     rep = {**rep, "deployment": name}
                     by_node.setdefault(rep.get("node_id") or "", []).append(rep)
+        self.deployments = deployments
         return by_node
+
+    def publish(self, key: bytes, value: bytes, namespace: bytes) -> None:
+        """Write to the GCS key-value store (what replicas read, cached)."""
+        self._client().internal_kv_put(key, value, True, namespace)
 
     def pending_demand(self) -> list[tuple[dict[str, float], int]]:
         """Resource shapes that tasks and actors wait for, with counts.

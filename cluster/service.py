@@ -111,8 +111,13 @@ def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progres
         time.sleep(1)
     else:
         raise TimeoutError(f"not ready after {timeout_s}s; see hpcserve status and logs")
-    models = [m["name"] for a in config.serve["applications"]
-              for m in (a.get("args") or {}).get("models", [])]
+    models = []
+    for app in config.serve["applications"]:
+        for m in (app.get("args") or {}).get("models", []):
+            if ((m.get("autoscaling") or {}).get("min_replicas", 1)) == 0:
+                progress(f"  {m['name']}: may scale to zero; its first request starts it")
+            else:
+                models.append(m["name"])
     for model in models:
         r = httpx.post(f"{head.http_url}/v1/completions", timeout=120,
                        json={"model": model, "prompt": "hello", "max_tokens": 1},

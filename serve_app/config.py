@@ -61,6 +61,10 @@ class ModelConfig(_Strict):
     stream_interval_ms: float = Field(
         default=20.0, ge=0, description="hold streamed text at most this long to send it in "
         "fewer chunks (first and last chunk never wait); 0: every engine output at once")
+    cold_start_timeout_s: float = Field(default=600.0, gt=0, description=(
+        "how long a request waits for a model with no replica (scaled to zero, its "
+        "batch job queued) before a 503 model_starting with Retry-After; enforced by "
+        "the routed ingress (with `direct` the request waits in Serve's proxy)"))
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
@@ -118,17 +122,21 @@ class AppConfig(_Strict):
 
     @property
     def ingress_mode(self) -> Literal["routed", "direct"]:
-        """What ``auto`` stands for: ``direct`` while one model is served.
+        """What ``auto`` stands for: ``direct`` while one always-on model is served.
 
         The routed ingress is a second Python process and a gRPC hop on every
         token's path: E2E P90 x1.07-1.23 of bare vLLM at 1-128 streams where
-        ``direct`` is x0.94-0.99 (README, "Overhead").  A config pays that only
-        when it needs it: several models, or ``ingress: routed`` for retries on
-        another replica (mid-stream failover).
+        ``direct`` is x0.94-0.99 (docs/benchmarks.md).  A config pays that only
+        when it needs it: several models, a model that may scale to zero (with no
+        replica, only the head's ingress can answer ``/v1/models`` with the model's
+        state; a cold request is served either way), or ``ingress: routed`` for
+        retries on another replica (mid-stream failover).
         """
         if self.ingress != "auto":
             return self.ingress
-        return "direct" if len(self.models) == 1 else "routed"
+        may_go_cold = any(m.autoscaling is not None and m.autoscaling.min_replicas == 0
+                          for m in self.models)
+        return "direct" if len(self.models) == 1 and not may_go_cold else "routed"
 
     def load_api_keys(self) -> list[str]:
         keys = list(self.api_keys)

@@ -223,6 +223,16 @@ class CompletionChunk(_Out):
     usage: Usage | None = None
 
 
+class ModelStatus(_Out):
+    """Published by the control loop (cluster.model_state)."""
+
+    state: Literal["ready", "scaling", "starting", "queued", "cold", "unavailable"]
+    running_replicas: int
+    target_replicas: int
+    walltime_left_s: int | None = None
+    reason: str | None = None
+
+
 class Model(_Out):
     id: str
     object: Literal["model"] = "model"
@@ -230,6 +240,7 @@ class Model(_Out):
     owned_by: str = "hpcserve"
     engine: str
     max_model_len: int | None = None
+    status: ModelStatus | None = None
 
 
 class ModelList(_Out):
@@ -253,7 +264,9 @@ class Health(_Out):
 
 
 
-def model_object(name: str, created: int, engine: str, max_model_len: int | None) -> dict:
-    """A served model as an OpenAI model object (``Model``)."""
+def model_object(name: str, created: int, engine: str, max_model_len: int | None,
+                 status: dict | None = None) -> dict:
+    """A served model as an OpenAI model object (``Model``); ``status`` is the control
+    loop's live state of it (``ModelStatus``), when known."""
     return {"id": name, "object": "model", "created": created, "owned_by": "hpcserve",
-            "engine": engine, "max_model_len": max_model_len}
+            "engine": engine, "max_model_len": max_model_len, "status": status}

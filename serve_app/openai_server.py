@@ -20,6 +20,7 @@ class needs an app of its own.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -37,6 +38,7 @@ from serve_app.config import AppConfig
 from serve_app.engines.base import ENGINE_OPTIONS
 from serve_app.errors import APIError, as_engine_error
 from serve_app.framing import ResponseFramer
+from serve_app.model_state import ModelStateCache
 from serve_app.openai_protocol import (
     IGNORED_FIELDS,
     ChatCompletionRequest,
@@ -94,6 +96,7 @@ class OpenAIServer:
         self.api_keys = [k.encode() for k in self.config.load_api_keys()]
         self.created = int(time.time())
         self._openapi: bytes | None = None
+        self.model_state = ModelStateCache()
 
     def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         raise NotImplementedError
@@ -110,8 +113,8 @@ class OpenAIServer:
 
     async def list_models(self, request: Request) -> Response:
         self._authenticate(request)
-        data = [model_object(m.name, self.created, m.engine, m.max_model_len)
-                for m in self.config.models]
+        data = [model_object(m.name, self.created, m.engine, m.max_model_len,
+                             self.model_state.status(m.name)) for m in self.config.models]
         return Response(orjson.dumps({"object": "list", "data": data}),
                         media_type="application/json")
 
@@ -119,7 +122,8 @@ class OpenAIServer:
         self._authenticate(request)
         m = self._model_config(model_id)
         return Response(orjson.dumps(model_object(m.name, self.created, m.engine,
-                                                  m.max_model_len)),
+                                                  m.max_model_len,
+                                                  self.model_state.status(m.name))),
                         media_type="application/json")
 
     async def chat_completions(self, request: Request) -> Response:
@@ -217,10 +221,21 @@ class OpenAIServer:
         req = self._to_generate(kind, body)
         framer = ResponseFramer(kind, body.model)
         stream = self._engine_stream(req)
+        wait_s = self.models[body.model].cold_start_timeout_s
         try:
-            first = await anext(stream)  # errors before this point keep their 4xx
+            # errors before this point keep their 4xx; a cold model (zero replicas,
+            # Serve scaling it up, a batch job on its way) may take this long
+            first = await asyncio.wait_for(anext(stream), wait_s)
         except StopAsyncIteration:
             first = []
+        except asyncio.TimeoutError:
+            await stream.aclose()
+            status = self.model_state.status(body.model) or {}
+            raise APIError(503, f"The model '{body.model}' is starting "
+                           f"({status.get('state', 'no replica yet')}) and did not answer "
+                           f"within cold_start_timeout_s={wait_s:g}; retry later.",
+                           type_="server_error", code="model_starting",
+                           headers={"Retry-After": "30"}) from None
         except APIError:
             raise
         except Exception as exc:

@@ -1,0 +1,81 @@
+"""Each model's state for clients and operators, published where replicas read it.
+
+The control loop computes, per model, one of
+
+* ``ready``: replicas serve;  ``scaling``: they serve and more are coming;
+* ``starting``: no replica serves yet, a node is joining or the engine loading;
+* ``queued``: no replica serves, and the batch job that would host one waits in the
+  scheduler's queue;
+* ``cold``: zero replicas wanted; the first request starts one;
+* ``unavailable``: replicas are wanted and nothing can host them (the pool's
+  node-hour budget is spent, or the provider keeps refusing), with the reason,
+
+plus replica counts and the least wall-time left among the nodes serving it.  It is
+written to the GCS's key-value store (``internal_kv``, namespace ``hpcserve``) once
+per control tick; replicas poll a cached copy in the background
+(``serve_app.model_state``), so no request waits for the control plane.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from cluster.config import PoolConfig
+from cluster.policy import bundles_per_node, node_resources
+from cluster.state import QUEUED, Allocation
+
+KV_NAMESPACE = b"hpcserve"
+KV_KEY = b"model_state"
+
+
+def pool_of(model: Mapping[str, Any], pools: Iterable[PoolConfig]) -> PoolConfig | None:
+    """The first pool whose node fits one of ``model``'s replicas (as demand goes)."""
+    bundle = {**(model.get("resources") or {"hpc_slot": 1.0}),
+              "CPU": float(model.get("num_cpus", 0)), "GPU": float(model.get("num_gpus", 0))}
+    return next((p for p in pools if bundles_per_node(bundle, node_resources(p))), None)
+
+
+def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, dict],
+                 pools: Iterable[PoolConfig], allocations: Iterable[Allocation],
+                 blocked: Mapping[str, str], now: float) -> dict[str, dict]:
+    """``deployments``: Serve's deployment details by name (``engine-<model>``);
+    ``blocked``: pool name -> why it cannot submit (budget spent, provider refusing)."""
+    pools = list(pools)
+    allocations = list(allocations)
+    by_node = {a.node_id: a for a in allocations if a.node_id}
+    out = {}
+    for model in models:
+        dep = deployments.get(f"engine-{model['name']}") or {}
+        replicas = dep.get("replicas") or []
+        running = [r for r in replicas if r.get("state") == "RUNNING"]
+        target = int(dep.get("target_num_replicas", len(replicas)))
+        pool = pool_of(model, pools)
+        mine = [a for a in allocations if pool is not None and a.pool == pool.name]
+        ends = [by_node[r["node_id"]].end_time for r in running
+                if r.get("node_id") in by_node and by_node[r["node_id"]].end_time]
+        reason = ""
+        if running:
+            state = "scaling" if target > len(running) else "ready"
+        elif target == 0:
+            state = "cold"
+        elif pool is not None and pool.name in blocked and \
+                not any(a.joined_time for a in mine):
+            state, reason = "unavailable", blocked[pool.name]
+        elif not any(a.joined_time for a in mine) and any(a.phase == QUEUED for a in mine):
+            state = "queued"
+        else:
+            state = "starting"  # a node joining or the engine loading
+        out[model["name"]] = {
+            "state": state, "running_replicas": len(running), "target_replicas": target,
+            "walltime_left_s": round(min(ends) - now) if ends else None,
+            **({"reason": reason} if reason else {})}
+    return out
+
+
+def publish(view, states: dict[str, dict]) -> None:
+    """``view``: ``cluster.ray_view.RayView`` (its GCS client)."""
+    view.publish(KV_KEY, json.dumps({"time": time.time(), "models": states}).encode(),
+                 KV_NAMESPACE)

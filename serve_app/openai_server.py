@@ -220,7 +220,6 @@ class OpenAIServer:
     async def _serve(self, kind: str, body) -> Response:
         req = self._to_generate(kind, body)
         framer = ResponseFramer(kind, body.model)
-        stream = self._engine_stream(req)
         wait_s = self.models[body.model].cold_start_timeout_s
         status = self.model_state.status(body.model)
         if status and status["state"] == "unavailable":  # no replica, and none can come
@@ -228,6 +227,7 @@ class OpenAIServer:
                            f"{status.get('reason') or 'no allocation can host it'}.",
                            type_="server_error", code="model_unavailable",
                            headers={"Retry-After": "60"})
+        stream = self._engine_stream(req)
         try:
             # errors before this point keep their 4xx; a cold model (zero replicas,
             # Serve scaling it up, a batch job on its way) may take this long

@@ -107,8 +107,12 @@ class OpenAIServer:
 
     async def openapi(self) -> Response:
         if self._openapi is None:
-            self._openapi = orjson.dumps(openapi_document(list(self.models),
-                                                          bool(self.api_keys)))
+            models = self.config.models
+            options = set().union(*(ENGINE_OPTIONS[m.engine] for m in models))
+            limits = [m.max_model_len for m in models]
+            self._openapi = orjson.dumps(openapi_document(
+                list(self.models), bool(self.api_keys), engine_options=options,
+                max_tokens=None if None in limits else max(limits) - 1))
         return Response(self._openapi, media_type="application/json")
 
     async def list_models(self, request: Request) -> Response:

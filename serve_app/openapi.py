@@ -4,13 +4,14 @@ Routes take the raw ``Request`` (so that a wrong Content-Type is a 415 and an
 oversized body a 413 before any parsing), which leaves FastAPI nothing to derive
 schemas from.  The document is therefore written here, from the same pydantic models
 that validate requests and describe responses (``serve_app.openai_protocol``), and
-for one server instance: ``model`` lists the models it serves, and the bearer
-scheme is required exactly when it has API keys.
+for one server instance: ``model`` lists the models it serves, the fields are those
+it accepts, and the bearer scheme is required exactly when it has API keys.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -95,13 +96,29 @@ def _generation(request: type, whole: type, chunk: type, summary: str,
     }
 
 
-def openapi_document(model_names: list[str], auth: bool, version: str = "0.1.0") -> dict:
-    """The document for a server serving ``model_names``; ``auth``: it checks API keys."""
+def openapi_document(model_names: list[str], auth: bool, *, engine_options: Iterable[str] = (),
+                     max_tokens: int | None = None, version: str = "0.1.0") -> dict:
+    """The document for a server serving ``model_names``; ``auth``: it checks API keys.
+
+    Exactly the fields the server accepts are listed (the request models allow extra
+    keys only for the ingress to name them in a 400): the models' own, the ignored
+    ones and ``engine_options`` (options some served engine takes beyond them, such as
+    vLLM's ``top_k``).  ``max_tokens``: the largest any served model's context leaves.
+    """
     schemas = copy.deepcopy(_components()[0])
-    for request in _REQUESTS:  # only the served names are accepted (else a 404)
-        props = schemas[_components()[1][(request.__name__, "validation")]]["properties"]
-        props["model"] = {**props["model"], "enum": list(model_names),
+    for request in _REQUESTS:
+        schema = schemas[_components()[1][(request.__name__, "validation")]]
+        props = schema["properties"]
+        props["model"] = {**props["model"], "enum": list(model_names),  # else a 404
                           "description": "One of the models this server serves."}
+        for name in sorted(set(p.IGNORED_FIELDS) | set(engine_options)):
+            props.setdefault(name, {"description": "Accepted; ignored."
+                                    if name in p.IGNORED_FIELDS else "An engine option."})
+        schema["additionalProperties"] = False  # any other field is a 400 naming it
+        for name in ("max_tokens", "max_completion_tokens"):
+            for branch in props.get(name, {}).get("anyOf", ()):
+                if max_tokens and branch.get("type") == "integer":
+                    branch["maximum"] = min(branch["maximum"], max_tokens)
     secured = (401,) if auth else ()
     common = (*secured, 429, 503)
     post = (400, *secured, 404, 413, 415, 429, 503)

@@ -151,3 +151,18 @@ def test_openapi_document_describes_every_route(auth):
         assert not request.is_valid({**body, "model": "unknown"})  # only served names
         assert not request.is_valid({**body, "stream": "yes"})
     assert ("securitySchemes" in doc["components"]) == auth
+
+
+def test_openapi_document_lists_exactly_the_accepted_fields():
+    doc = openapi_document(["tiny"], False, engine_options={"top_k", "presence_penalty"},
+                           max_tokens=63)
+    schema = doc["components"]["schemas"]["CompletionRequest"]
+    assert schema["additionalProperties"] is False  # the server answers others with a 400
+    assert {"user", "metadata", "top_k", "logit_bias"} <= set(schema["properties"])
+    request = _validator(doc, {"$ref": "#/components/schemas/CompletionRequest"})
+    body = {"model": "tiny", "prompt": "hi", "user": "u", "top_k": 5, "max_tokens": 63}
+    request.validate(body)
+    assert not request.is_valid({**body, "frobnicate": 1})
+    assert not request.is_valid({**body, "max_tokens": 64})  # the context's limit
+    assert "top_k" not in openapi_document(["tiny"], False)["components"]["schemas"][
+        "CompletionRequest"]["properties"]

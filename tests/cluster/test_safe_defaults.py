@@ -104,7 +104,7 @@ def _allocation_processes(home: Path) -> list[psutil.Process]:
     """Every process of the stack's local allocation: a lost node loses them all (the
     replica and the engine run in sessions of their own, so a group kill misses them)."""
     procs = []
-    for pid_file in home.rglob("supervisor.pid"):
+    for pid_file in (home / "run" / "jobs").rglob("supervisor.pid"):  # not the control loop's
         root = psutil.Process(int(pid_file.read_text()))
         procs += [root, *root.children(recursive=True)]
     return procs

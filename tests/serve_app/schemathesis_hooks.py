@@ -33,7 +33,11 @@ def openai_error_shape(ctx, response, case):
         return None
     if ctype != "application/json":
         raise AssertionError(f"{response.status_code} with Content-Type {ctype!r}, not JSON")
-    body = json.loads(response.content)
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        raise AssertionError(f"{response.status_code} body is not JSON: "
+                             f"{response.content[:200]!r}") from None
     if not isinstance(body, dict) or set(body) != {"error"} or not isinstance(body["error"], dict):
         raise AssertionError(f"not an OpenAI error body: {body!r}")
     error = body["error"]
@@ -57,7 +61,10 @@ def _check_stream(text: str, complete: bool) -> None:
     for event in events:
         if not event.startswith("data: "):
             raise AssertionError(f"not a data event: {event[:200]!r}")
-        data = json.loads(event[6:])
+        try:
+            data = json.loads(event[6:])
+        except ValueError:
+            raise AssertionError(f"event is not JSON: {event[:200]!r}") from None
         if "error" in data:
             raise AssertionError(f"error event in a 200 stream: {data!r}")
         if data.get("object") not in CHUNK_OBJECTS:

@@ -211,24 +211,46 @@ def test_vllm_bench_serve_has_no_failed_requests(stack, model_dir, tmp_path):
     assert result["total_output_tokens"] == 16 * n
 
 
-@needs_tools
-def test_schemathesis_finds_no_server_error_or_schema_violation(stack, tmp_path):
-    """Every operation of /openapi.json, positive and negative cases, a bounded number
-    each: no 5xx, responses (event streams event by event) match their schemas, and
-    every error is OpenAI-shaped (schemathesis_hooks.py)."""
+def schemathesis(stack, workdir: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """One bounded run (seeded: the same cases every time); its output and JSON report."""
+    workdir.mkdir()
     proc = run_tool([
         str(TOOLS / "schemathesis"), "--no-color", "run",
         stack.base_url.removesuffix("/v1") + "/openapi.json",
         "-H", f"Authorization: Bearer {API_KEY}",
         "--checks", "not_a_server_error,response_schema_conformance,openai_error_shape",
-        "--max-examples", "10", "--seed", "17", "--workers", "2", "--request-timeout", "30",
-        "--report", "har", "--report-har-path", str(tmp_path / "run.har"),
-    ], cwd=tmp_path, env={"SCHEMATHESIS_HOOKS": str(HOOKS)}, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    entries = json.loads((tmp_path / "run.har").read_text())["log"]["entries"]
+        "--max-examples", "10", "--seed", "17", "--request-timeout", "30",
+        "--report", "har,json", "--report-dir", str(workdir),
+    ], cwd=workdir, env={"SCHEMATHESIS_HOOKS": str(HOOKS)}, timeout=400)
+    (report,) = workdir.glob("json-*.json")
+    return proc, json.loads(report.read_text())
+
+
+@needs_tools
+def test_schemathesis_finds_no_server_error_or_schema_violation(stack, tmp_path):
+    """Every operation of /openapi.json, positive and negative cases, a bounded number
+    each: no 5xx, responses (event streams event by event) match their schemas, and
+    every error is OpenAI-shaped (schemathesis_hooks.py).
+
+    Schemathesis's own crashes while generating a case ("Runtime Error", seen once in
+    CI-like runs: a hypothesis traceback, no request involved) get one rerun; a check
+    failure or a network error never does."""
+    proc, report = schemathesis(stack, tmp_path / "first")
+    internal = report["errors"] and not report["failures"] and all(
+        e["title"] == "Runtime Error" for e in report["errors"])
+    if proc.returncode != 0 and internal:
+        print("schemathesis crashed internally; once more:\n" + proc.stdout[:6000])
+        proc, report = schemathesis(stack, tmp_path / "again")
+    assert proc.returncode == 0, proc.stdout[:6000] + "\n...\n" + proc.stdout[-3000:]
+    assert report["failures"] == [] and report["errors"] == []
+    (har,) = (tmp_path / ("again" if internal else "first")).glob("har-*.json")
+    entries = json.loads(har.read_text())["log"]["entries"]
     seen = Counter((e["request"]["method"], e["request"]["url"].split("?")[0].rsplit("/v1", 1)[-1],
                     e["response"]["status"]) for e in entries)
-    print(f"schemathesis: {len(entries)} requests, {sorted(seen.items())}")
+    streams = sum(e["response"]["content"].get("mimeType", "").startswith("text/event-stream")
+                  for e in entries)
+    print(f"schemathesis: {len(entries)} requests, {streams} streamed, statuses "
+          f"{sorted(Counter(e['response']['status'] for e in entries).items())}")
     for path in ("/chat/completions", "/completions"):  # it reached generation, not only 4xx
         assert seen[("POST", path, 200)] > 0 and seen[("POST", path, 400)] > 0
-    assert not [key for key in seen if key[2] >= 500]
+    assert streams > 0 and not [key for key in seen if key[2] >= 500]

@@ -83,3 +83,13 @@ def stream_through_rotations(stack, store: StateStore, rotations: int, timeout: 
             time.sleep(2)
         time.sleep(5)
     return clients, retired_by_rotation(store)
+
+
+def wait_until(predicate, timeout: float, what: str, poll_s: float = 1.0) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

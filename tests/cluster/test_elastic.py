@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cluster.state import FAILED, RETIRED, SERVING, StateStore
-from tests.cluster.rotation_support import Clients
+from tests.cluster.rotation_support import Clients, wait_until
 
 IDLE_RELEASE_S = 15
 
@@ -43,15 +43,6 @@ def _events(store: StateStore) -> list[tuple[float, str, str, str]]:
     return store.events(500)
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def test_a_spike_grows_the_pool_and_silence_shrinks_it(stack):
     store = StateStore(stack.home / "run" / "state.db")
     assert len(store.allocations(live_only=True)) == 1
@@ -60,17 +51,17 @@ def test_a_spike_grows_the_pool_and_silence_shrinks_it(stack):
     with Clients(stack, 8) as clients:
         # mid-scale-up, the control loop is killed: its supervisor restarts it, and the
         # restarted loop re-adopts the queued/starting jobs instead of submitting again
-        _wait(lambda: len(store.allocations(live_only=True)) == 3, 300, "2 jobs submitted")
+        wait_until(lambda: len(store.allocations(live_only=True)) == 3, 300, "2 jobs submitted")
         loop_pid = int((run_dir / "control.pid").read_text())
         os.kill(loop_pid, signal.SIGKILL)
-        _wait(lambda: int((run_dir / "control.pid").read_text()) != loop_pid, 30,
+        wait_until(lambda: int((run_dir / "control.pid").read_text()) != loop_pid, 30,
               "the supervisor to restart the control loop")
-        _wait(lambda: len(_serving(store)) == 3, 300, "3 serving allocations")
+        wait_until(lambda: len(_serving(store)) == 3, 300, "3 serving allocations")
         grown = time.time()
         time.sleep(15)  # the three replicas serve the spike together
         stopped = time.time()
     assert clients.failures == [], "\n".join(clients.failures[:20])
-    _wait(lambda: len(store.allocations(live_only=True)) == 1, 300,
+    wait_until(lambda: len(store.allocations(live_only=True)) == 1, 300,
           "the pool to shrink back to 1 allocation")
     shrunk = time.time()
 

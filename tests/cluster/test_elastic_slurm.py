@@ -9,7 +9,7 @@ import time
 import pytest
 
 from cluster.state import RETIRED, SERVING, StateStore
-from tests.cluster.rotation_support import Clients
+from tests.cluster.rotation_support import Clients, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -32,25 +32,16 @@ def stack(hpcserve_stack, slurm_cluster, tmp_path_factory):
     s.down()
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def test_spike_on_slurm_grows_by_a_job_and_gives_it_back(stack):
     store = StateStore(stack.home / "run" / "state.db")
     serving = lambda: [a for a in store.allocations(live_only=True) if a.phase == SERVING]  # noqa: E731
     started = time.time()
     with Clients(stack, 6) as clients:
-        _wait(lambda: len(serving()) == 2, 300, "a second serving SLURM job")
+        wait_until(lambda: len(serving()) == 2, 300, "a second serving SLURM job")
         time.sleep(10)
         stopped = time.time()
     assert clients.failures == [], "\n".join(clients.failures[:20])
-    _wait(lambda: len(store.allocations(live_only=True)) == 1, 300, "the pool back at 1")
+    wait_until(lambda: len(store.allocations(live_only=True)) == 1, 300, "the pool back at 1")
     allocations = store.allocations()
     extra = [a for a in allocations if a.submit_time >= started]
     assert len(extra) == 1 and extra[0].provider == "slurm", allocations

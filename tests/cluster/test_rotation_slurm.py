@@ -17,7 +17,7 @@ import pytest
 
 from cluster.providers.slurm import SlurmConfig, SlurmProvider
 from cluster.state import FAILED, StateStore
-from tests.cluster.rotation_support import Clients
+from tests.cluster.rotation_support import Clients, wait_until
 
 WALLTIME_S = 180
 ROTATIONS = 3
@@ -56,15 +56,6 @@ def _rotations(stack) -> list:
             if a.rotated_out]
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _squeue(stack) -> list[str]:
     """This stack's pool's jobs.  Not every ``hpcserve-*`` job: the session's cluster
     keeps the provider tests' ended jobs listed for MinJobAge (120 s)."""
@@ -79,18 +70,18 @@ def test_serves_from_a_slurm_job(stack, clients):
     live = _store(stack).allocations(live_only=True)
     assert [a.provider for a in live] == ["slurm"]
     assert any(live[0].job_id in line and "RUNNING" in line for line in _squeue(stack))
-    _wait(lambda: clients.ok >= 4, 120, "first streams")
+    wait_until(lambda: clients.ok >= 4, 120, "first streams")
 
 
 def test_control_loop_killed_and_restarted_readopts_jobs(stack, clients):
-    _wait(lambda: len(_rotations(stack)) >= 1, WALLTIME_S * 2 + 60, "a first rotation")
+    wait_until(lambda: len(_rotations(stack)) >= 1, WALLTIME_S * 2 + 60, "a first rotation")
     run_dir = stack.home / "run"
     pid = int((run_dir / "control.pid").read_text())
     before = {a.id: a.job_id for a in _store(stack).allocations(live_only=True)}
     served = clients.ok
     os.kill(pid, signal.SIGKILL)
     # the supervisor restarts it (hpcserve status counts the restart)
-    _wait(lambda: int((run_dir / "control.pid").read_text()) != pid, 30, "a restarted loop")
+    wait_until(lambda: int((run_dir / "control.pid").read_text()) != pid, 30, "a restarted loop")
     assert json.loads(stack.cli("status", "--json").stdout)["control_restarts"] >= 1
     time.sleep(10)
     assert clients.ok > served, "serving must not depend on the control loop"
@@ -131,12 +122,12 @@ def test_scheduler_outage_keeps_serving_and_pool_recovers(stack, clients, slurm_
         slurm_cluster.start_ctld()
     log = (stack.home / "run" / "logs" / "control.log").read_text()
     assert "poll failed" in log or "submit failed" in log, "the outage was seen"
-    _wait(lambda: len(_rotations(stack)) > rotations_before, WALLTIME_S * 2 + 60,
+    wait_until(lambda: len(_rotations(stack)) > rotations_before, WALLTIME_S * 2 + 60,
           "a rotation after the outage")
 
 
 def test_three_rotations_without_a_failed_request(stack, clients):
-    _wait(lambda: len(_rotations(stack)) >= ROTATIONS, WALLTIME_S * 3, f"{ROTATIONS} rotations")
+    wait_until(lambda: len(_rotations(stack)) >= ROTATIONS, WALLTIME_S * 3, f"{ROTATIONS} rotations")
     time.sleep(5)
     clients.close()
     store = _store(stack)

@@ -190,6 +190,13 @@ def test_outputs_match_transformers(triton, reference, model):
     assert reply.choices[0].finish_reason == comp_finish
     chunks = list(client.completions.create(prompt=PROMPT, stream=True, **opts))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == comp_text
+    # continuous usage stats: the prompt's size from the first chunk on (the engine
+    # reports it with its first delta), completion tokens so far, the whole at the end
+    chunks = list(client.completions.create(prompt=PROMPT, stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}, **opts))
+    assert {c.usage.prompt_tokens for c in chunks} == {reply.usage.prompt_tokens}
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == reply.usage.completion_tokens
 
 
 def test_bad_request_is_a_4xx(triton):

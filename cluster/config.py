@@ -230,10 +230,10 @@ def load_config(path: str | Path | None = None) -> HpcserveConfig:
 
 def _check_models_fit(cluster: ClusterConfig, args, prefix: str, source: str) -> None:
     """A model whose replica fits no pool's node would wait forever: say so now."""
-    from cluster.policy import bundles_per_node, node_resources
+    from cluster.policy import host_pool, node_resources, replica_bundle
     for j, model in enumerate(args.models):
-        bundle = {**model.resources, "CPU": model.num_cpus, "GPU": model.num_gpus}
-        if not any(bundles_per_node(bundle, node_resources(p)) for p in cluster.pools):
+        bundle = replica_bundle(model.model_dump())
+        if host_pool(bundle, cluster.pools) is None:
             shown = {k: v for k, v in bundle.items() if v}
             raise ConfigError(
                 f"{source}: {prefix}.models.{j}.resources: a replica needs {shown}, which "

@@ -24,18 +24,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cluster.config import PoolConfig
-from cluster.policy import bundles_per_node, node_resources
+from cluster.policy import host_pool, replica_bundle
 from cluster.state import QUEUED, Allocation
 
 KV_NAMESPACE = b"hpcserve"
 KV_KEY = b"model_state"
-
-
-def pool_of(model: Mapping[str, Any], pools: Iterable[PoolConfig]) -> PoolConfig | None:
-    """The first pool whose node fits one of ``model``'s replicas (as demand goes)."""
-    bundle = {**(model.get("resources") or {"hpc_slot": 1.0}),
-              "CPU": float(model.get("num_cpus", 0)), "GPU": float(model.get("num_gpus", 0))}
-    return next((p for p in pools if bundles_per_node(bundle, node_resources(p))), None)
 
 
 def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, dict],
@@ -52,7 +45,7 @@ def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, 
         replicas = dep.get("replicas") or []
         running = [r for r in replicas if r.get("state") == "RUNNING"]
         target = int(dep.get("target_num_replicas", len(replicas)))
-        pool = pool_of(model, pools)
+        pool = host_pool(replica_bundle(model), pools)
         mine = [a for a in allocations if pool is not None and a.pool == pool.name]
         ends = [by_node[r["node_id"]].end_time for r in running
                 if r.get("node_id") in by_node and by_node[r["node_id"]].end_time]

@@ -235,6 +235,17 @@ def bundles_per_node(bundle: Mapping[str, float], node: Mapping[str, float]) -> 
     return 0 if fits == 0 else (1_000_000 if fits is math.inf else int(fits))
 
 
+def replica_bundle(model: Mapping) -> dict[str, float]:
+    """What one replica of a model asks Ray for (its args as a dict)."""
+    return {**(model.get("resources") or {"hpc_slot": 1.0}),
+            "CPU": float(model.get("num_cpus", 0)), "GPU": float(model.get("num_gpus", 0))}
+
+
+def host_pool(bundle: Mapping[str, float], pools: Iterable[PoolConfig]) -> PoolConfig | None:
+    """The first pool (config order) whose node fits ``bundle``: where demand goes."""
+    return next((p for p in pools if bundles_per_node(bundle, node_resources(p))), None)
+
+
 def demand_by_pool(pools: Iterable[PoolConfig],
                    demand: Iterable[tuple[Mapping[str, float], int]]) -> dict[str, int]:
     """Nodes each pool should add for the waiting bundles (shape, count): each shape
@@ -243,9 +254,7 @@ def demand_by_pool(pools: Iterable[PoolConfig],
     pools = list(pools)
     needed: dict[str, float] = {p.name: 0.0 for p in pools}
     for bundle, count in demand:
-        for pool in pools:
-            per_node = bundles_per_node(bundle, node_resources(pool))
-            if per_node:
-                needed[pool.name] += count / per_node
-                break
+        pool = host_pool(bundle, pools)
+        if pool is not None:
+            needed[pool.name] += count / bundles_per_node(bundle, node_resources(pool))
     return {name: math.ceil(n - 1e-9) for name, n in needed.items()}

@@ -22,6 +22,7 @@ log = logging.getLogger("hpcserve.ingress")
 
 
 class RoutedIngress(OpenAIServer):
+    COLD_START_WAIT = True  # the engine deployment may be scaled to zero
     def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]):
         super().__init__(config)
         self.engines = {name: h.options(stream=True) for name, h in engines.items()}

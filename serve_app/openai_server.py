@@ -88,6 +88,7 @@ def _prompt_tokens(deltas: list[GenerateDelta]) -> int:
 
 
 class OpenAIServer:
+    COLD_START_WAIT = False  # a subclass whose engine may have no replica sets it
     """The routes and request handling; ``_engine_stream`` is the subclass's."""
 
     def __init__(self, config: dict[str, Any]):
@@ -233,9 +234,12 @@ class OpenAIServer:
                            headers={"Retry-After": "60"})
         stream = self._engine_stream(req)
         try:
-            # errors before this point keep their 4xx; a cold model (zero replicas,
-            # Serve scaling it up, a batch job on its way) may take this long
-            first = await asyncio.wait_for(anext(stream), wait_s)
+            # errors before this point keep their 4xx.  Where the engine may have no
+            # replica (routed: a cold model, a batch job on its way) wait at most
+            # cold_start_timeout_s; an engine replica serving HTTP itself is the
+            # replica, so it skips the timer task on every request.
+            first = await (asyncio.wait_for(anext(stream), wait_s) if self.COLD_START_WAIT
+                           else anext(stream))
         except StopAsyncIteration:
             first = []
         except asyncio.TimeoutError:

@@ -93,3 +93,13 @@ def wait_until(predicate, timeout: float, what: str, poll_s: float = 1.0) -> Non
             return
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def elastic_model(max_replicas: int) -> dict:
+    """The tiny model with autoscaling that reacts in seconds (the elastic tests)."""
+    return {"name": "tiny", "engine": "zmq", "max_model_len": 2048,
+            "graceful_shutdown_timeout_s": 5, "health_check_period_s": 1,
+            "autoscaling": {"min_replicas": 1, "max_replicas": max_replicas,
+                            "target_ongoing_requests": 2, "upscale_delay_s": 2,
+                            "downscale_delay_s": 10, "metrics_interval_s": 1,
+                            "look_back_period_s": 3}}

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cluster.state import FAILED, RETIRED, SERVING, StateStore
-from tests.cluster.rotation_support import Clients, wait_until
+from tests.cluster.rotation_support import Clients, elastic_model, wait_until
 
 IDLE_RELEASE_S = 15
 
@@ -25,12 +25,7 @@ def stack(hpcserve_stack):
     s = hpcserve_stack(
         name="elastic",
         pool={"min_allocations": 1, "max_allocations": 3, "idle_release_s": IDLE_RELEASE_S},
-        models=[{"name": "tiny", "engine": "zmq", "max_model_len": 2048,
-                 "graceful_shutdown_timeout_s": 5, "health_check_period_s": 1,
-                 "autoscaling": {"min_replicas": 1, "max_replicas": 3,
-                                 "target_ongoing_requests": 2, "upscale_delay_s": 2,
-                                 "downscale_delay_s": 10, "metrics_interval_s": 1,
-                                 "look_back_period_s": 3}}])
+        models=[elastic_model(3)])
     yield s
     s.down()
 

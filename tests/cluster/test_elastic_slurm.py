@@ -9,7 +9,7 @@ import time
 import pytest
 
 from cluster.state import RETIRED, SERVING, StateStore
-from tests.cluster.rotation_support import Clients, wait_until
+from tests.cluster.rotation_support import Clients, elastic_model, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +22,7 @@ def stack(hpcserve_stack, slurm_cluster, tmp_path_factory):
               "provider_options": {"slurm_conf": str(slurm_cluster.conf),
                                    "output_dir": str(out), "command_timeout_s": 10},
               "worker_env": {"HPCSERVE_NODE_IP": "auto-loopback"}},
-        models=[{"name": "tiny", "engine": "zmq", "max_model_len": 2048,
-                 "graceful_shutdown_timeout_s": 5, "health_check_period_s": 1,
-                 "autoscaling": {"min_replicas": 1, "max_replicas": 2,
-                                 "target_ongoing_requests": 2, "upscale_delay_s": 2,
-                                 "downscale_delay_s": 10, "metrics_interval_s": 1,
-                                 "look_back_period_s": 3}}])
+        models=[elastic_model(2)])
     yield s
     s.down()
 

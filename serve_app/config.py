@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from serve_app.access.config import AccessConfig
 from serve_app.engines.base import ENGINE_CLASSES
 
 EngineKind = Literal["zmq", "vllm", "triton"]
@@ -97,6 +98,9 @@ class AppConfig(_Strict):
                              description="routed ingress only: engine calls retried on "
                              "another replica (direct does not retry)")
     ingress_resources: dict[str, float] = Field(default_factory=lambda: {"serve_head": 0.001})
+    access: AccessConfig = Field(default_factory=AccessConfig, description=(
+        "managed keys, OIDC tokens, projects and their limits, the usage ledger "
+        "(docs/access.md)"))
     ingress: Literal["auto", "routed", "direct"] = Field(
         default="auto", description="routed: one ingress replica on the head routes to the "
         "engines and retries a failed stream on another replica; direct: the engine replicas "
@@ -110,6 +114,23 @@ class AppConfig(_Strict):
         if dupes:
             raise ValueError(f"model names must be unique, repeated: {dupes}")
         return self
+
+    @model_validator(mode="after")
+    def _store_for_managed_keys(self) -> "AppConfig":
+        if self.access.managed_keys and not self.access.store:
+            raise ValueError("access.store: managed_keys needs the head's access database "
+                             "(`hpcserve up` sets it; with `serve deploy`, give its path)")
+        return self
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether every request must present a credential."""
+        return bool(self.api_keys or self.api_keys_file or self.access.managed_keys
+                    or self.access.oidc)
+
+    @property
+    def ledger_on(self) -> bool:
+        return self.authenticated and self.access.ledger and bool(self.access.store)
 
     @field_validator("ingress")
     @classmethod

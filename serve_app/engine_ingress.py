@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from serve_app.engines.base import engine_class
 from serve_app.errors import APIError, as_engine_error
-from serve_app.openai_server import OpenAIServer, openai_deployment
+from serve_app.api.server import OpenAIServer, openai_deployment
 from serve_app.protocol import GenerateDelta, GenerateRequest
 
 

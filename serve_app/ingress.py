@@ -2,7 +2,7 @@
 
 Used when a config serves several models, or when streams must survive an engine
 replica dying: the ingress retries on another replica, continuing from the text
-already sent.  The HTTP surface itself is ``serve_app.openai_server``.
+already sent.  The HTTP surface itself is ``serve_app.api``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import APIError, as_engine_error
-from serve_app.openai_server import OpenAIServer, openai_deployment
+from serve_app.api.server import OpenAIServer, openai_deployment
 from serve_app.protocol import GenerateDelta, GenerateRequest, Usage
 
 log = logging.getLogger("hpcserve.ingress")

@@ -1,7 +1,7 @@
 """Request validation as OpenAI does it, per-engine options, and the OpenAPI document.
 
-No Ray, no engine: ``OpenAIServer`` is built from a config dict and asked what it
-would send an engine (``_to_generate``); errors are the ``APIError`` the client gets.
+No Ray, no engine: a request body is turned into what an engine would get
+(``to_generate``); errors are the ``APIError`` the client gets.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from referencing import Registry, Resource
 
 from serve_app.errors import APIError
 from serve_app.openai_protocol import ChatCompletionRequest, CompletionRequest
-from serve_app.openai_server import OpenAIServer
+from serve_app.api.generation import to_generate
+from serve_app.api.server import OpenAIServer
+from serve_app.config import ModelConfig
 from serve_app.openapi import openapi_document
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -82,8 +84,18 @@ def test_out_of_range_values_name_the_parameter(extra, param, needle):
     assert info.value.param == param and needle in info.value.message, info.value.message
 
 
-def server(engine: str) -> OpenAIServer:
-    return OpenAIServer({"models": [{"name": "m", "engine": engine}]})
+class Engine:
+    """What the server would send an engine of ``kind`` serving model ``m``."""
+
+    def __init__(self, kind: str):
+        self.cfg = ModelConfig(name="m", engine=kind)
+
+    def _to_generate(self, endpoint: str, body):
+        return to_generate(endpoint, body, self.cfg, "req-1")
+
+
+def server(engine: str) -> Engine:
+    return Engine(engine)
 
 
 @pytest.mark.parametrize("name,value", [("presence_penalty", 0.5), ("frequency_penalty", -1),
@@ -107,7 +119,7 @@ def test_engines_with_penalties_and_bias_get_them(engine):
 
 def test_unknown_model_is_a_404_model_not_found():
     with pytest.raises(APIError) as info:
-        server("zmq")._to_generate("chat", parse({"model": "nope"}))
+        OpenAIServer({"models": [{"name": "m"}]}).model_config("nope", None)
     assert (info.value.status, info.value.code, info.value.param) == (404, "model_not_found",
                                                                       "model")
 

@@ -1,0 +1,185 @@
+"""What chat and completions share: an OpenAI body -> ``GenerateRequest`` -> the
+engine's delta stream -> SSE chunks or one JSON body.
+
+Errors the client caused are raised as ``APIError`` before anything is streamed, so
+they keep their 4xx status; once streaming, a failure is an error event.  The
+engine's usage lands in ``ctx.usage`` for the pipeline's account step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+from starlette.responses import Response, StreamingResponse
+
+from serve_app.api.pipeline import RequestContext
+from serve_app.config import ModelConfig
+from serve_app.engines.base import ENGINE_OPTIONS
+from serve_app.errors import APIError, as_engine_error
+from serve_app.framing import ResponseFramer
+from serve_app.openai_protocol import IGNORED_FIELDS
+from serve_app.protocol import GenerateDelta, GenerateRequest, SamplingParams, Usage
+
+log = logging.getLogger("hpcserve.ingress")
+
+# Options with engine-specific support: a 400 naming them where the engine lacks them,
+# unless the value asks for nothing (0, false, empty), which every engine honours.
+_ENGINE_SPECIFIC = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+                    "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias")
+
+
+def _given(value: Any) -> bool:
+    return value not in (None, False, 0, "") and value != {} and value != []
+
+
+def _prompt_tokens(deltas: list[GenerateDelta]) -> int:
+    return next((d.usage.prompt_tokens for d in deltas if d.usage is not None), 0)
+
+
+async def _prepend(first: list[GenerateDelta], rest: AsyncIterator[list[GenerateDelta]]):
+    """The stream with its already-awaited first item put back in front."""
+    if first:
+        yield first
+    async for item in rest:
+        yield item
+
+
+def to_generate(kind: str, body, cfg: ModelConfig, request_id: str) -> GenerateRequest:
+    """The engine's request for an OpenAI body, or the 400 that names what is wrong."""
+    allowed = ENGINE_OPTIONS[cfg.engine]
+    if body.n not in (None, 1):
+        raise APIError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
+    extras = {}
+    for name, value in body.extra_fields().items():
+        if name in IGNORED_FIELDS and name not in allowed:
+            continue  # harmless for engines without it (e.g. `user`)
+        if name not in allowed:
+            raise APIError(400, f"Unrecognized request argument supplied: {name}",
+                           param=name, code="unsupported_parameter")
+        extras[name] = value
+    for name in _ENGINE_SPECIFIC:
+        value = getattr(body, name, None)
+        if name not in allowed:
+            if _given(value):
+                raise APIError(400, f"'{name}' is not supported by the {cfg.engine} "
+                               f"engine serving '{body.model}'.", param=name,
+                               code="unsupported_parameter")
+        elif value not in (None, False):
+            extras[name] = value
+    max_tokens = max_tokens_of(body)
+    if cfg.max_model_len and max_tokens and max_tokens >= cfg.max_model_len:
+        raise APIError(400, f"max_tokens={max_tokens} exceeds the model's context "
+                       f"length {cfg.max_model_len}.", param="max_tokens",
+                       code="context_length_exceeded")
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
+                              top_p=body.top_p, seed=body.seed, stop=body.stop or [],
+                              ignore_eos=bool(body.ignore_eos))
+    common = dict(request_id=request_id, model=body.model, sampling=sampling, extras=extras)
+    if kind == "chat":
+        return GenerateRequest(messages=body.messages, **common)
+    return GenerateRequest(prompt=body.prompt_text(), **common)
+
+
+def max_tokens_of(body) -> int | None:
+    return getattr(body, "max_completion_tokens", None) or body.max_tokens
+
+
+async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
+    body = ctx.body
+    cfg = server.models[body.model]
+    req = to_generate(kind, body, cfg, ctx.request_id)
+    framer = ResponseFramer(kind, body.model)
+    wait_s = cfg.cold_start_timeout_s
+    status = server.model_state.status(body.model)
+    if status and status["state"] == "unavailable":  # no replica, and none can come
+        raise APIError(503, f"The model '{body.model}' is unavailable: "
+                       f"{status.get('reason') or 'no allocation can host it'}.",
+                       type_="server_error", code="model_unavailable",
+                       headers={"Retry-After": "60"})
+    stream = server._engine_stream(req)
+    try:
+        # Where the engine may have no replica (routed: a cold model, a batch job on
+        # its way) wait at most cold_start_timeout_s; an engine replica serving HTTP
+        # itself is the replica, so it skips the timer task on every request.
+        first = await (asyncio.wait_for(anext(stream), wait_s) if server.COLD_START_WAIT
+                       else anext(stream))
+    except StopAsyncIteration:
+        first = []
+    except asyncio.TimeoutError:
+        await stream.aclose()
+        status = server.model_state.status(body.model) or {}
+        raise APIError(503, f"The model '{body.model}' is starting "
+                       f"({status.get('state', 'no replica yet')}) and did not answer "
+                       f"within cold_start_timeout_s={wait_s:g}; retry later.",
+                       type_="server_error", code="model_starting",
+                       headers={"Retry-After": "30"}) from None
+    except APIError:
+        raise
+    except Exception as exc:
+        log.warning("engine for %s unavailable: %r", body.model, exc)
+        raise APIError(503, f"No engine replica for '{body.model}' could serve the "
+                       f"request ({type(exc).__name__}).", type_="server_error",
+                       code="engine_unavailable") from None
+    if body.stream:
+        options = body.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = include_usage and bool(options.continuous_usage_stats)  # as vLLM
+        return StreamingResponse(_sse(ctx, framer, first, stream, include_usage, continuous,
+                                      bool(req.extras.get("logprobs"))),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    text, finish, usage, entries = [], "stop", Usage(), []
+    async for deltas in _prepend(first, stream):
+        for delta in deltas:
+            text.append(delta.text)
+            if delta.extras:
+                entries += delta.extras.get("logprobs") or ()
+            if delta.finish_reason:
+                finish, usage = delta.finish_reason, delta.usage or usage
+    ctx.usage = usage
+    logprobs = framer.logprobs(entries) if req.extras.get("logprobs") else None
+    return Response(framer.whole("".join(text), finish, usage, logprobs),
+                    media_type="application/json")
+
+
+async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[GenerateDelta],
+               rest: AsyncIterator[list[GenerateDelta]], include_usage: bool,
+               continuous: bool, with_logprobs: bool):
+    """The event stream; with ``continuous`` (vLLM's ``continuous_usage_stats``)
+    every chunk carries the usage so far: the prompt's tokens (engines report them
+    with their first delta) and the completion tokens sent until then.  The usage
+    so far is kept in ``ctx`` too, so a stream cut short is still accounted."""
+    prompt, completion = _prompt_tokens(first), 0
+    ctx.usage = Usage(prompt, 0)
+    yield framer.first_chunk(Usage(prompt, 0) if continuous else None)
+    finish, usage, offset = "stop", None, 0
+    try:
+        async for deltas in _prepend(first, rest):
+            text = "".join(d.text for d in deltas)
+            completion += sum(d.num_tokens for d in deltas)
+            prompt = _prompt_tokens(deltas) or prompt
+            ctx.usage = Usage(prompt, completion)
+            so_far = ctx.usage if continuous else None
+            if with_logprobs:
+                entries = [e for d in deltas for e in d.extras.get("logprobs") or ()]
+                if text or entries:
+                    yield framer.chunk_with_logprobs(text, framer.logprobs(entries, offset),
+                                                     so_far)
+                offset += len(text)
+            elif text:
+                yield framer.text_chunk(text, so_far)
+            last = deltas[-1] if deltas else None
+            if last is not None and last.finish_reason:
+                finish, usage = last.finish_reason, last.usage or so_far
+                ctx.usage = usage or ctx.usage
+    except Exception as exc:  # mid-stream: the status is already sent
+        err = as_engine_error(exc)
+        api = APIError.from_engine(err) if err else APIError(
+            503, f"The engine failed mid-stream: {type(exc).__name__}",
+            type_="server_error", code="engine_unavailable")
+        ctx.status = api.status
+        yield framer.error_event(api.body())
+        return
+    yield framer.final_chunks(finish, usage, include_usage, continuous)

@@ -1,0 +1,144 @@
+"""The checks every endpoint shares, as an ordered chain of steps around the handler.
+
+A ``Step`` has ``before`` (may refuse the request by raising ``APIError``) and
+``after`` (runs for every step whose ``before`` ran, in reverse order, once the
+response is complete -- for a stream, when its last chunk is sent or the client
+goes away).  The chain is the same in both ingress modes because the server class
+that owns it is the same (``server.OpenAIServer``); steps with nothing to do for a
+config are left out of the chain, so a feature that is off costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
+
+import orjson
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from serve_app.errors import APIError
+from serve_app.protocol import Usage
+
+if TYPE_CHECKING:
+    from serve_app.api.endpoint import Endpoint
+
+log = logging.getLogger("hpcserve.ingress")
+
+
+@dataclass
+class RequestContext:
+    """What the steps learn about one request, in the order they learn it."""
+
+    request: Request
+    endpoint: "Endpoint"
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.monotonic)
+    principal: Any = None               # serve_app.access.principal.Principal
+    body: Any = None
+    model: str | None = None
+    cost_estimate: int = 0              # tokens the request may use, for admission
+    usage: Usage | None = None          # set by the handler when the engine reports it
+    status: int = 200
+    response_headers: dict[str, str] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)  # per-step scratch space
+
+
+class Step(Protocol):
+    async def before(self, ctx: RequestContext) -> None: ...
+    def after(self, ctx: RequestContext) -> None: ...
+
+
+class ReadBody:
+    """Content type, size limit, JSON object, then the endpoint's pydantic model."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+
+    async def before(self, ctx: RequestContext) -> None:
+        if ctx.endpoint.body is None:
+            return
+        ctx.body = ctx.endpoint.body.model_validate(await self._json(ctx.request))
+        ctx.model = getattr(ctx.body, "model", None)
+
+    def after(self, ctx: RequestContext) -> None:
+        pass
+
+    async def _json(self, request: Request) -> dict:
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise APIError(415, f"Content-Type must be application/json, got '{ctype}'.",
+                           code="unsupported_media_type")
+        limit = self.max_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"Request body exceeds {limit} bytes.", code="body_too_large")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise APIError(413, f"Request body exceeds {limit} bytes.",
+                               code="body_too_large")
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise APIError(400, f"Invalid JSON body: {err}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        return data
+
+
+Handler = Callable[[RequestContext], Awaitable[Response]]
+
+
+class Pipeline:
+    def __init__(self, steps: list[Step]):
+        self.steps = steps
+
+    async def run(self, ctx: RequestContext, handler: Handler) -> Response:
+        entered: list[Step] = []
+        try:
+            for step in self.steps:
+                entered.append(step)
+                await step.before(ctx)
+            response = await handler(ctx)
+        except ValidationError as err:
+            self._after(entered, ctx, 400)
+            raise APIError.from_validation(err) from None
+        except APIError as err:
+            self._after(entered, ctx, err.status)
+            if ctx.response_headers:
+                err.headers = {**ctx.response_headers, **(err.headers or {})}
+            raise
+        except BaseException:
+            self._after(entered, ctx, 500)
+            raise
+        response.headers.update(ctx.response_headers)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._then_after(response.body_iterator, entered, ctx)
+        else:
+            self._after(entered, ctx, response.status_code)
+        return response
+
+    async def _then_after(self, body: AsyncIterator, entered: list[Step],
+                          ctx: RequestContext) -> AsyncIterator:
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            self._after(entered, ctx, ctx.status)
+
+    @staticmethod
+    def _after(entered: list[Step], ctx: RequestContext, status: int) -> None:
+        if ctx.status == 200:
+            ctx.status = status
+        for step in reversed(entered):
+            try:
+                step.after(ctx)
+            except Exception:  # an account step failing must not fail the response
+                log.exception("pipeline step %s failed after the request",
+                              type(step).__name__)

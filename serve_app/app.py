@@ -17,6 +17,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve_app.access.ledger import Ledger
 from serve_app.config import parse_app_config
 from serve_app.engine_ingress import engine_ingress
 from serve_app.engines.base import engine_class
@@ -25,10 +26,14 @@ from serve_app.ingress import Ingress
 
 def build_app(args: dict[str, Any]) -> Application:
     config = parse_app_config(args)
+    on_head = {"num_cpus": 0, "resources": dict(config.ingress_resources)}
+    ledger = None
+    if config.ledger_on:  # access.store on the head: keys, limits, usage
+        ledger = Ledger.options(ray_actor_options=on_head).bind(config.access.model_dump())
     if config.ingress_mode == "direct":
         (model,) = config.models
         deployment = engine_ingress(model.engine, **model.deployment_options())
-        return deployment.bind(config.model_dump(), model_name=model.name,
+        return deployment.bind(config.model_dump(), ledger, model_name=model.name,
                                stream_interval_ms=model.stream_interval_ms,
                                **model.engine_args)
     engines = {}
@@ -37,6 +42,4 @@ def build_app(args: dict[str, Any]) -> Application:
         engines[model.name] = deployment.bind(model_name=model.name,
                                               stream_interval_ms=model.stream_interval_ms,
                                               **model.engine_args)
-    ingress = Ingress.options(
-        ray_actor_options={"num_cpus": 0, "resources": dict(config.ingress_resources)})
-    return ingress.bind(config.model_dump(), engines)
+    return Ingress.options(ray_actor_options=on_head).bind(config.model_dump(), engines, ledger)

@@ -31,8 +31,8 @@ class EngineIngress(OpenAIServer):
 
     engine_cls: type  # the raw engine class; set by ``engine_ingress``
 
-    def __init__(self, config: dict[str, Any], **engine_kwargs: Any):
-        super().__init__(config)
+    def __init__(self, config: dict[str, Any], ledger: Any = None, **engine_kwargs: Any):
+        super().__init__(config, ledger)
         self.engine = self.engine_cls(**engine_kwargs)
 
     async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:

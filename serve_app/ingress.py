@@ -23,8 +23,9 @@ log = logging.getLogger("hpcserve.ingress")
 
 class RoutedIngress(OpenAIServer):
     COLD_START_WAIT = True  # the engine deployment may be scaled to zero
-    def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]):
-        super().__init__(config)
+    def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle],
+                 ledger: DeploymentHandle | None = None):
+        super().__init__(config, ledger)
         self.engines = {name: h.options(stream=True) for name, h in engines.items()}
 
     async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:

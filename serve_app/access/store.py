@@ -137,6 +137,12 @@ def usable_keys(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return {r["hash"]: {**_public(r), "hash": r["hash"]} for r in rows}
 
 
+def keys_by_hash(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """hash -> key record for every key, revoked ones included (so a revoked key
+    gets a 401 that says so rather than one that calls it unknown)."""
+    return {r["hash"]: _public(r) for r in conn.execute("SELECT * FROM keys")}
+
+
 def record_usage(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> int:
     """Append finished requests; a request id already recorded is skipped, so a
     replica may resend a batch whose acknowledgement it lost."""

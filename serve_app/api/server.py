@@ -52,7 +52,7 @@ class OpenAIServer:
         self.models = {m.name: m for m in self.config.models}
         self.created = int(time.time())
         self.model_state = ModelStateCache()
-        before, after = access_steps(self.config, ledger)
+        before, after = access_steps(self.config, ledger, self.models)
         self.pipeline = Pipeline([*before, ReadBody(self.config.max_request_bytes),
                                   AuthorizeModel(self.model_config), *after])
         self._openapi: bytes | None = None

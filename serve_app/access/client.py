@@ -44,6 +44,7 @@ class AccessClient:
         self.allowances: dict[tuple[str, str], Allowance] = {}
         self.unsent: list[dict[str, Any]] = []
         self.health: dict[str, Any] = {}                # reported with each sync
+        self.probes: dict[str, Any] = {}                # name -> () -> health entry
         self.synced = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -83,6 +84,8 @@ class AccessClient:
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     async def sync(self) -> None:
+        for name, probe in self.probes.items():
+            self.health[name] = probe()
         rows = self.unsent[:5000]
         reports = {(s, m): a.report() for (s, m), a in self.allowances.items()}
         try:

@@ -61,6 +61,8 @@ class Authenticate:
                 self.client.start()
             if self.oidc is not None:
                 self.oidc.start()
+                if self.client is not None:
+                    self.client.probes["oidc"] = self._oidc_health
         scheme, _, token = ctx.request.headers.get("authorization", "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
@@ -109,6 +111,10 @@ class Authenticate:
         return Principal(key=key, project=project, user=user, models=models,
                          project_models=tuple(project_cfg.models) if project_cfg else ("*",),
                          scopes=tuple(scopes))
+
+    def _oidc_health(self) -> dict[str, Any]:
+        return {"ok": self.oidc.last_error is None, "error": self.oidc.last_error,
+                "last_refresh": self.oidc.last_refresh}
 
     def after(self, ctx: RequestContext) -> None:
         pass
@@ -166,6 +172,8 @@ class Admit:
                     for a, _, c in taken:
                         a.give_back(c)
                     self._headers(ctx, principal)
+                    if metric != "concurrent" and scope is principal.scopes[0]:
+                        ctx.response_headers[f"x-ratelimit-remaining-{metric}"] = "0"
                     raise _limited(scope, metric, allowance.wait_s(cost))
                 taken.append((allowance, metric, cost))
         ctx.state["taken"] = taken
@@ -239,6 +247,7 @@ def access_steps(config: AppConfig, ledger: Any, models: dict[str, Any]) -> tupl
     if access.oidc is not None:
         from serve_app.access.oidc import OIDCVerifier
         oidc = OIDCVerifier(access.oidc, set(access.projects))
+        oidc.load_now()  # at replica start, so the first token finds the keys
     before = [Authenticate(access, StaticKeys(config.load_api_keys()), client, oidc)]
     after = [] if client is None else [Account(client), Admit(client, models)]
     return before, after

@@ -130,18 +130,25 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
                                       bool(req.extras.get("logprobs"))),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+    text, finish, usage, entries = await whole_answer(_prepend(first, stream))
+    ctx.usage = usage
+    logprobs = framer.logprobs(entries) if req.extras.get("logprobs") else None
+    return Response(framer.whole(text, finish, usage, logprobs),
+                    media_type="application/json")
+
+
+async def whole_answer(stream: AsyncIterator[list[GenerateDelta]]
+                       ) -> tuple[str, str, Usage, list[dict]]:
+    """(text, finish reason, usage, logprobs entries) of a whole engine stream."""
     text, finish, usage, entries = [], "stop", Usage(), []
-    async for deltas in _prepend(first, stream):
+    async for deltas in stream:
         for delta in deltas:
             text.append(delta.text)
             if delta.extras:
                 entries += delta.extras.get("logprobs") or ()
             if delta.finish_reason:
                 finish, usage = delta.finish_reason, delta.usage or usage
-    ctx.usage = usage
-    logprobs = framer.logprobs(entries) if req.extras.get("logprobs") else None
-    return Response(framer.whole("".join(text), finish, usage, logprobs),
-                    media_type="application/json")
+    return "".join(text), finish, usage, entries
 
 
 async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[GenerateDelta],

@@ -18,6 +18,7 @@ from typing import Any
 from ray.serve import Application
 
 from serve_app.access.ledger import Ledger
+from serve_app.batch.service import batch_service
 from serve_app.config import parse_app_config
 from serve_app.engine_ingress import engine_ingress
 from serve_app.engines.base import engine_class
@@ -30,10 +31,11 @@ def build_app(args: dict[str, Any]) -> Application:
     ledger = None
     if config.ledger_on:  # access.store on the head: keys, limits, usage
         ledger = Ledger.options(ray_actor_options=on_head).bind(config.access.model_dump())
+    batch = batch_service(config, ledger, on_head)  # None unless batch.enabled
     if config.ingress_mode == "direct":
         (model,) = config.models
         deployment = engine_ingress(model.engine, **model.deployment_options())
-        return deployment.bind(config.model_dump(), ledger, model_name=model.name,
+        return deployment.bind(config.model_dump(), ledger, batch, model_name=model.name,
                                stream_interval_ms=model.stream_interval_ms,
                                **model.engine_args)
     engines = {}
@@ -42,4 +44,5 @@ def build_app(args: dict[str, Any]) -> Application:
         engines[model.name] = deployment.bind(model_name=model.name,
                                               stream_interval_ms=model.stream_interval_ms,
                                               **model.engine_args)
-    return Ingress.options(ray_actor_options=on_head).bind(config.model_dump(), engines, ledger)
+    return Ingress.options(ray_actor_options=on_head).bind(config.model_dump(), engines, ledger,
+                                                          batch)

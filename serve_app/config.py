@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from serve_app.access.config import AccessConfig
+from serve_app.batch.config import BatchConfig
 from serve_app.engines.base import ENGINE_CLASSES
 
 EngineKind = Literal["zmq", "vllm", "triton"]
@@ -101,6 +102,8 @@ class AppConfig(_Strict):
     access: AccessConfig = Field(default_factory=AccessConfig, description=(
         "managed keys, OIDC tokens, projects and their limits, the usage ledger "
         "(docs/access.md)"))
+    batch: BatchConfig = Field(default_factory=BatchConfig, description=(
+        "the Files and Batches API: batch inference on the app's engines (docs/batch.md)"))
     ingress: Literal["auto", "routed", "direct"] = Field(
         default="auto", description="routed: one ingress replica on the head routes to the "
         "engines and retries a failed stream on another replica; direct: the engine replicas "

@@ -31,8 +31,9 @@ class EngineIngress(OpenAIServer):
 
     engine_cls: type  # the raw engine class; set by ``engine_ingress``
 
-    def __init__(self, config: dict[str, Any], ledger: Any = None, **engine_kwargs: Any):
-        super().__init__(config, ledger)
+    def __init__(self, config: dict[str, Any], ledger: Any = None, batch: Any = None,
+                 **engine_kwargs: Any):
+        super().__init__(config, ledger, batch)
         self.engine = self.engine_cls(**engine_kwargs)
 
     async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
@@ -45,7 +46,11 @@ class EngineIngress(OpenAIServer):
                 raise
             raise APIError.from_engine(engine_error) from None
 
-    # What Serve and the tests call on an engine deployment, forwarded.
+    # What Serve, the batch service and the tests call on an engine deployment, forwarded.
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
+        async for deltas in self.engine.generate(req):
+            yield deltas
+
     async def check_health(self) -> None:
         await self.engine.check_health()
 

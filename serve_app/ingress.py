@@ -24,8 +24,8 @@ log = logging.getLogger("hpcserve.ingress")
 class RoutedIngress(OpenAIServer):
     COLD_START_WAIT = True  # the engine deployment may be scaled to zero
     def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle],
-                 ledger: DeploymentHandle | None = None):
-        super().__init__(config, ledger)
+                 ledger: DeploymentHandle | None = None, batch: DeploymentHandle | None = None):
+        super().__init__(config, ledger, batch)
         self.engines = {name: h.options(stream=True) for name, h in engines.items()}
 
     async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serve_app.access.steps import AuthorizeModel, access_steps
-from serve_app.api import chat, completions, models
+from serve_app.api import batches, chat, completions, files, models
 from serve_app.api.endpoint import Endpoint
 from serve_app.api.pipeline import Pipeline, ReadBody, RequestContext
 from serve_app.config import AppConfig, ModelConfig
@@ -39,7 +39,7 @@ from serve_app.protocol import GenerateDelta, GenerateRequest
 log = logging.getLogger("hpcserve.ingress")
 
 ENDPOINTS: tuple[Endpoint, ...] = (models.LIST, models.GET, chat.ENDPOINT,
-                                   completions.ENDPOINT)
+                                   completions.ENDPOINT, *files.ENDPOINTS, *batches.ENDPOINTS)
 
 
 class OpenAIServer:
@@ -47,8 +47,9 @@ class OpenAIServer:
 
     COLD_START_WAIT = False  # a subclass whose engine may have no replica sets it
 
-    def __init__(self, config: dict[str, Any], ledger: Any = None):
+    def __init__(self, config: dict[str, Any], ledger: Any = None, batch: Any = None):
         self.config = AppConfig.model_validate(config)
+        self.batch = batch  # the BatchService handle (serve_app.batch), if enabled
         self.models = {m.name: m for m in self.config.models}
         self.created = int(time.time())
         self.model_state = ModelStateCache()

@@ -68,6 +68,8 @@ def _cmd_deploy(args) -> int:
     except ConfigError as err:
         print(f"hpcserve: {err}", file=sys.stderr)
         return 2
+    from cluster.batches import set_batch_paths
+    set_batch_paths(config, home_dir(args.home))
     head = HeadInfo.load(run_dir_of(home_dir(args.home)))
     for change in ingress_mode_changes(serve_status(head), config.serve):
         print(f"hpcserve: note: {change}", file=sys.stderr)
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-model", help="build the tiny local model")
     p.add_argument("--cache-dir")
     p.set_defaults(func=_cmd_build_model)
+    from cluster.batches import add_parser as add_batches
+    add_batches(sub, with_home)
     from cluster.bench.cli import add_parser as add_bench
     add_bench(sub)
     return parser

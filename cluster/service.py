@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from cluster.batches import set_batch_paths
 from cluster.config import HpcserveConfig, default_config_text, load_config
 from cluster.head import HeadInfo, deploy_serve, serve_status, start_head
 from cluster.providers import make_provider
@@ -50,6 +51,7 @@ def _prebuild_models(config: HpcserveConfig) -> None:
 def up(config_path: str | None, home: Path, wait: bool = True, timeout_s: float = 600,
        progress=print) -> HeadInfo:
     config = load_config(config_path)  # raises ConfigError naming the field
+    set_batch_paths(config, home)  # batch.files_dir and batch.store under the home
     run_dir = run_dir_of(home)
     if (run_dir / "head.json").exists() and pid_alive(HeadInfo.load(run_dir).pid):
         raise RuntimeError(f"hpcserve is already running from {home} (hpcserve down first)")

@@ -7,7 +7,8 @@ usage adds up to the batch's totals and to the ledger's; bad lines land in the e
 file with their line numbers while the good ones complete; a cancel leaves partial
 output and no engine work after it settles; the batch service's replica killed
 mid-batch (and, separately, the control loop) still gives every line exactly once;
-the completion window's end gives ``expired``; pages of ``GET /v1/batches``; a
+the completion window's end gives ``expired``; a batch outlives ``hpcserve down``
+and ``up``; pages of ``GET /v1/batches``; a
 project never sees another's files or batches.
 """
 
@@ -101,6 +102,21 @@ def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict]:
     return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
 
 
+def ledger(stack, batch_id: str, lines: int) -> tuple[int, int, int]:
+    """(rows, prompt tokens, completion tokens) of the batch in the usage ledger, once
+    it has ``lines`` rows (replicas send usage every sync_interval_s) or after 60 s."""
+    deadline = time.monotonic() + 60
+    while True:
+        with sqlite3.connect(stack.access_db) as conn:
+            found = conn.execute(
+                "SELECT COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM usage "
+                "WHERE endpoint='batch' AND request_id LIKE ?",
+                (f"batch_req_{batch_id.removeprefix('batch_')}_%",)).fetchone()
+        if found[0] == lines or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def test_a_batch_of_2000_chat_lines_completes(stack):
     client = stack.client()
     batch = submit(client, [chat_line(i) for i in range(2000)], metadata={"run": "big"})
@@ -127,18 +143,8 @@ def test_a_batch_of_2000_chat_lines_completes(stack):
     assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usage)
     assert batch.usage.total_tokens == sum(u["total_tokens"] for u in usage)
     # the ledger has the same tokens, once per line, under the batch endpoint
-    deadline = time.monotonic() + 60
-    while True:
-        with sqlite3.connect(stack.access_db) as conn:
-            rows, prompt, completion = conn.execute(
-                "SELECT COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM usage "
-                "WHERE endpoint='batch' AND request_id LIKE ?",
-                (f"batch_req_{batch.id.removeprefix('batch_')}_%",)).fetchone()
-        if rows == 2000 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert (rows, prompt, completion) == (2000, batch.usage.input_tokens,
-                                          batch.usage.output_tokens)
+    assert ledger(stack, batch.id, 2000) == (2000, batch.usage.input_tokens,
+                                             batch.usage.output_tokens)
     # the output file is a file of the caller's, and the CLI shows the batch
     assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
     shown = stack.cli("batches", "show", batch.id).stdout
@@ -300,3 +306,20 @@ def test_a_project_sees_only_its_own_files_and_batches(stack, issuer):
     assert a.files.delete(batch.input_file_id).deleted
     with pytest.raises(openai.NotFoundError):
         a.files.retrieve(batch.input_file_id)
+
+
+def test_a_batch_outlives_a_restart_of_the_whole_head(stack):
+    """Last: ``hpcserve down`` and ``up`` mid-batch; the new head's batch service
+    resumes it from the files and store under the home."""
+    client = stack.client()
+    batch = submit(client, [chat_line(i, max_tokens=24, ignore_eos=True) for i in range(400)])
+    wait(client, batch.id, lambda b: b.request_counts.completed >= 40)
+    stack.cli("down", timeout=300)
+    up = stack.cli("up", "-c", str(stack.home / "config.yaml"), "--timeout", "600",
+                   timeout=900)
+    assert "ready" in up.stdout
+    client = stack.client()
+    batch = wait(client, batch.id, finished)[-1]
+    _exactly_once(client, batch, 400)
+    assert ledger(stack, batch.id, 400) == (400, batch.usage.input_tokens,
+                                            batch.usage.output_tokens)  # each line once

@@ -24,7 +24,10 @@ STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "e
             "cancelling", "cancelled")
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 FILE_PURPOSES = ("batch",)
-CHUNK = 4 * 1024 * 1024  # upload parts and download chunks between ingress and service
+# Upload parts and download chunks between ingress and service: each is one gRPC
+# message between replicas, which Serve caps at 4 MiB
+# (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH).
+CHUNK = 1024 * 1024
 _WINDOW = re.compile(r"^([1-9][0-9]*)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

@@ -24,8 +24,11 @@ class BatchConfig(BaseModel):
     max_lines: int = Field(default=50_000, gt=0, description=(
         "requests per batch (OpenAI's limit: 50,000)"))
     max_concurrency: int = Field(default=64, gt=0, description=(
-        "lines in flight at once over all batches; below the engines' batch capacity "
-        "it leaves interactive requests room (docs/batch.md#interactive-traffic)"))
+        "lines in flight at once over all batches and models, at most"))
+    adaptive_concurrency: bool = Field(default=True, description=(
+        "per model, send only as many lines as the engines start promptly (steered by "
+        "the lines' time to first token), so interactive requests do not queue behind "
+        "batch lines (docs/batch.md#interactive-traffic); false: always max_concurrency"))
     cancel_grace_s: float = Field(default=30.0, ge=0, description=(
         "after a cancel, lines already running may finish this long (their results go "
         "to the output file); then they are abandoned"))

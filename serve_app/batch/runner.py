@@ -185,6 +185,20 @@ def open_append(path: str) -> int:
 
 
 # ---- running ----------------------------------------------------------------------
+class _Stopped(Exception):
+    """A line that the batch's cancel or expiry caught before it reached an engine."""
+
+
+async def _timed(stream, pace):
+    """The engine stream, its time to first token told to ``pace``."""
+    sent, first = time.monotonic(), True
+    async for item in stream:
+        if first:
+            pace.observe(time.monotonic() - sent, sent)
+            first = False
+        yield item
+
+
 class Service(Protocol):
     """What a run needs from the batch service (``service.BatchServer``)."""
 
@@ -193,6 +207,7 @@ class Service(Protocol):
     max_retries: int
 
     def engine(self, model: str) -> Any: ...
+    def pace(self, model: str) -> Any: ...
     def save(self, obj: dict[str, Any]) -> None: ...
     def record_usage(self, run: "BatchRun", request_id: str, model: str, prompt: int,
                      completion: int, status: int, latency_ms: float) -> None: ...
@@ -409,6 +424,8 @@ class BatchRun:
             started = time.monotonic()
             try:
                 status, body, model, usage = 200, *await self._call(line["body"], rid)
+            except _Stopped:
+                return  # no result: the cancel or expiry gives it its error line
             except APIError as err:
                 status, body, model, usage = err.status, orjson.dumps(err.body()), \
                     line["body"].get("model"), None
@@ -452,11 +469,18 @@ class BatchRun:
                            code="unsupported_parameter")
         req = to_generate(self.kind, body, cfg, rid)
         framer = ResponseFramer(self.kind, body.model)
-        text, finish, usage, entries = await self._generate(req)
+        pace = self.service.pace(body.model)
+        await pace.acquire()
+        try:
+            if self.stop_reason is not None:  # stopped while waiting: no engine work
+                raise _Stopped
+            text, finish, usage, entries = await self._generate(req, pace)
+        finally:
+            pace.release()
         logprobs = framer.logprobs(entries) if req.extras.get("logprobs") else None
         return framer.whole(text, finish, usage, logprobs), body.model, usage
 
-    async def _generate(self, req):
+    async def _generate(self, req, pace):
         """The engine's whole answer; a replica that dies mid-line is retried from the
         start on another (nothing of the line was written yet)."""
         handle = self.service.engine(req.model)
@@ -466,7 +490,7 @@ class BatchRun:
                 "request_id": f"{req.request_id}-{uuid.uuid4().hex[:8]}"})
             try:
                 self.engine_requests += 1
-                return await whole_answer(handle.generate.remote(attempt_req))
+                return await whole_answer(_timed(handle.generate.remote(attempt_req), pace))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -3,13 +3,15 @@
 The HTTP endpoints (``serve_app.api.files``, ``serve_app.api.batches``) run in the
 ingress replicas -- on the head (``routed``) or on the workers (``direct``) -- and
 call this deployment through its handle; it keeps the files under ``files_dir``
-(uploads arrive in parts, downloads leave as a stream, so a 200 MB file never
-travels as one object) and their metadata and every batch's state in ``store``.
+(uploads arrive in 1 MiB parts, downloads leave as a stream of them: a 200 MB file
+never travels as one message) and their metadata and every batch's state in
+``store``.
 
 Each batch runs here as a ``runner.BatchRun`` task.  Its lines go to the model's
 engine deployment (``engine-<model>``, found by name in the app: the routed
 engine deployment, or with ``direct`` the replica that also answers HTTP) through
-``generate``, at most ``max_concurrency`` lines at once over all batches.  Serve
+``generate``, at most ``max_concurrency`` lines at once over all batches and, per
+model, as many as its engines start promptly (``pace``).  Serve
 restarts a replica that dies; the new one resumes every unfinished batch from its
 files (``runner``).  Usage goes to the access ledger like interactive requests'
 (endpoint ``batch``), resent after a restart (the ledger keeps a request id once).
@@ -35,6 +37,7 @@ from ray import serve
 
 from serve_app.access.client import AccessClient
 from serve_app.batch import protocol, store
+from serve_app.batch.pace import Pace
 from serve_app.batch.protocol import ACTIVE, CHUNK, BatchCreateRequest, file_too_large
 from serve_app.batch.runner import BatchRun, append_line
 from serve_app.config import AppConfig, ConfigError
@@ -77,6 +80,7 @@ class BatchServer:
         self.runs: dict[str, BatchRun] = {}
         self.uploads: dict[str, dict[str, Any]] = {}
         self._engines: dict[str, Any] = {}
+        self.paces: dict[str, Pace] = {}
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         self.access = None
@@ -158,6 +162,13 @@ class BatchServer:
             handle = serve.get_deployment_handle(name, self.app_name).options(stream=True)
             self._engines[model] = handle
         return handle
+
+    def pace(self, model: str) -> Pace:
+        pace = self.paces.get(model)
+        if pace is None:
+            pace = self.paces[model] = Pace(self.cfg.max_concurrency,
+                                            self.cfg.adaptive_concurrency)
+        return pace
 
     def save(self, obj: dict[str, Any]) -> None:
         try:
@@ -345,9 +356,11 @@ class BatchServer:
 
     async def stats(self) -> dict[str, Any]:
         """For tests and operators: what each running batch has in flight."""
-        return {run.id: {"status": run.obj["status"], "inflight": len(run.inflight),
-                         "engine_requests": run.engine_requests}
-                for run in self.runs.values()}
+        return {"batches": {run.id: {"status": run.obj["status"],
+                                     "inflight": len(run.inflight),
+                                     "engine_requests": run.engine_requests}
+                            for run in self.runs.values()},
+                "models": {model: pace.state() for model, pace in self.paces.items()}}
 
 
 BatchService = serve.deployment(name="batch", num_replicas=1, max_ongoing_requests=1000,

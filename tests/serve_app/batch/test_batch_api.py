@@ -309,7 +309,7 @@ def test_a_project_sees_only_its_own_files_and_batches(stack, issuer):
 
 
 def test_a_batch_outlives_a_restart_of_the_whole_head(stack):
-    """Last: ``hpcserve down`` and ``up`` mid-batch; the new head's batch service
+    """``hpcserve down`` and ``up`` mid-batch; the new head's batch service
     resumes it from the files and store under the home."""
     client = stack.client()
     batch = submit(client, [chat_line(i, max_tokens=24, ignore_eos=True) for i in range(400)])
@@ -323,3 +323,14 @@ def test_a_batch_outlives_a_restart_of_the_whole_head(stack):
     _exactly_once(client, batch, 400)
     assert ledger(stack, batch.id, 400) == (400, batch.usage.input_tokens,
                                             batch.usage.output_tokens)  # each line once
+
+
+def test_a_file_larger_than_one_grpc_message_round_trips(stack):
+    """Uploads travel to the batch service in parts and come back as a stream: a file
+    above Serve's 4 MiB message cap between replicas is no problem."""
+    client = stack.client()
+    data = jsonl([chat_line(i, padding="x" * 2000) for i in range(3000)])  # ~6.5 MB
+    uploaded = client.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
+    assert uploaded.bytes == len(data) > 6_000_000
+    assert client.files.content(uploaded.id).content == data
+    assert client.files.delete(uploaded.id).deleted

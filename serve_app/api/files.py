@@ -9,6 +9,8 @@ project (``batch_calls.owner``).
 
 from __future__ import annotations
 
+import re
+
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -21,6 +23,7 @@ from serve_app.batch.protocol import file_too_large as _too_large
 from serve_app.errors import APIError
 
 _MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the small fields
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _capped(request: Request, limit: int) -> Request:
@@ -125,10 +128,10 @@ async def _content(server, ctx):
     async def body():
         async for chunk in chunks:
             yield chunk
+    filename = _UNSAFE.sub("_", meta["filename"]) or "file"  # a client's name, in a header
     return StreamingResponse(body(), media_type="application/octet-stream",
                              headers={"Content-Length": str(meta["bytes"]),
-                                      "Content-Disposition":
-                                          f'attachment; filename="{meta["filename"]}"'})
+                                      "Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 CREATE = Endpoint("file_create", "/v1/files", "POST", _create)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -330,7 +331,11 @@ def test_a_file_larger_than_one_grpc_message_round_trips(stack):
     above Serve's 4 MiB message cap between replicas is no problem."""
     client = stack.client()
     data = jsonl([chat_line(i, padding="x" * 2000) for i in range(3000)])  # ~6.5 MB
-    uploaded = client.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
+    uploaded = client.files.create(file=('big "x"\r\n.jsonl', io.BytesIO(data)),
+                                   purpose="batch")
     assert uploaded.bytes == len(data) > 6_000_000
-    assert client.files.content(uploaded.id).content == data
+    content = client.files.with_raw_response.content(uploaded.id)
+    assert content.content == data
+    assert re.fullmatch(r'attachment; filename="[\w.-]+"',  # quotes and CR LF are not
+                        content.headers["content-disposition"])  # repeated into a header
     assert client.files.delete(uploaded.id).deleted

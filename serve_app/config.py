@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from serve_app.access.config import AccessConfig
-from serve_app.engines.base import ENGINE_CLASSES
+from serve_app.engines.base import ENGINES, check_model
 
 EngineKind = Literal["zmq", "vllm", "triton"]
 
@@ -50,7 +50,12 @@ class AutoscalingConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = Field(min_length=1, description="the `model` clients ask for")
     engine: EngineKind = "zmq"
-    engine_args: dict[str, Any] = Field(default_factory=dict)
+    task: Literal["generate", "embed"] = Field("generate", description=(
+        "generate: chat and completions; embed: /v1/embeddings (engines zmq and vllm; "
+        "docs/embeddings.md). A request to the other kind of endpoint is a 400"))
+    engine_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "the engine's own arguments; their names depend on `engine` (below) and a "
+        "misspelt one is an error naming it"))
     num_replicas: int = Field(default=1, ge=0)
     autoscaling: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(default=256, ge=1)
@@ -69,6 +74,11 @@ class ModelConfig(_Strict):
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
+
+    @model_validator(mode="after")
+    def _engine_args(self) -> "ModelConfig":
+        check_model(self.engine, self.task, self.engine_args)
+        return self
 
     def deployment_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -197,4 +207,4 @@ def parse_app_config(args: dict[str, Any], prefix: str = "args") -> AppConfig:
         raise ConfigError(describe_validation_error(err, prefix)) from None
 
 
-assert set(ENGINE_CLASSES) == {"zmq", "vllm", "triton"}  # EngineKind mirrors the registry
+assert set(ENGINES) == {"zmq", "vllm", "triton"}  # EngineKind mirrors the registry

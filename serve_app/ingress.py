@@ -2,7 +2,9 @@
 
 Used when a config serves several models, or when streams must survive an engine
 replica dying: the ingress retries on another replica, continuing from the text
-already sent.  The HTTP surface itself is ``serve_app.api``.
+already sent (an embedding request is simply sent again).  The engines are
+``serve_app.engines.deployment.EngineDeployment`` deployments; the HTTP surface
+itself is ``serve_app.api``.
 """
 
 from __future__ import annotations
@@ -16,16 +18,48 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import APIError, as_engine_error
 from serve_app.api.server import OpenAIServer, openai_deployment
-from serve_app.protocol import GenerateDelta, GenerateRequest, Usage
+from serve_app.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateDelta,
+    GenerateRequest,
+    Usage,
+)
 
 log = logging.getLogger("hpcserve.ingress")
 
 
 class RoutedIngress(OpenAIServer):
     COLD_START_WAIT = True  # the engine deployment may be scaled to zero
-    def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]):
-        super().__init__(config)
+
+    def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle],
+                 ledger: Any = None):
+        super().__init__(config, ledger)
+        self.handles = engines
         self.engines = {name: h.options(stream=True) for name, h in engines.items()}
+
+    async def _embed(self, req: EmbedRequest) -> EmbedResult:
+        """Embed on an engine replica; a replica that died is retried on another."""
+        attempt = 0
+        while True:
+            try:
+                return await self.handles[req.model].embed.remote(req)
+            except Exception as exc:
+                self._retry_or_raise(exc, attempt, req.request_id)
+                attempt += 1
+
+    def _retry_or_raise(self, exc: Exception, attempt: int, request_id: str) -> None:
+        """Returns when the failed engine call may be retried; raises otherwise
+        (an engine's 4xx as the ``APIError`` the client gets)."""
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        engine_error = as_engine_error(exc)
+        if engine_error is not None:
+            raise APIError.from_engine(engine_error) from None
+        if not isinstance(exc, RayError) or attempt >= self.config.max_retries:
+            raise exc
+        log.warning("engine call for %s failed (%s); retry %d on another replica",
+                    request_id, type(exc).__name__, attempt + 1)
 
     async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         """Stream from an engine replica, failing over to another if it dies.
@@ -49,14 +83,8 @@ class RoutedIngress(OpenAIServer):
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:
-                engine_error = as_engine_error(exc)
-                if engine_error is not None:
-                    raise APIError.from_engine(engine_error) from None
-                if not isinstance(exc, RayError) or attempt >= self.config.max_retries:
-                    raise
+                self._retry_or_raise(exc, attempt, req.request_id)
                 attempt += 1
-                log.warning("engine call for %s failed (%s); retry %d on another replica",
-                            req.request_id, type(exc).__name__, attempt)
                 sampling = req.sampling.model_copy(update={
                     "max_tokens": None if budget is None else max(1, budget - sent_tokens)})
                 req = req.model_copy(update={"continuation": sent_text, "sampling": sampling})

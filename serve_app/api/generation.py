@@ -16,7 +16,7 @@ from starlette.responses import Response, StreamingResponse
 
 from serve_app.api.pipeline import RequestContext
 from serve_app.config import ModelConfig
-from serve_app.engines.base import ENGINE_OPTIONS
+from serve_app.engines.base import capabilities
 from serve_app.errors import APIError, as_engine_error
 from serve_app.framing import ResponseFramer
 from serve_app.openai_protocol import IGNORED_FIELDS
@@ -48,7 +48,7 @@ async def _prepend(first: list[GenerateDelta], rest: AsyncIterator[list[Generate
 
 def to_generate(kind: str, body, cfg: ModelConfig, request_id: str) -> GenerateRequest:
     """The engine's request for an OpenAI body, or the 400 that names what is wrong."""
-    allowed = ENGINE_OPTIONS[cfg.engine]
+    allowed = capabilities(cfg.engine).options
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
     extras = {}

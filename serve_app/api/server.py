@@ -30,7 +30,7 @@ from serve_app.api import chat, completions, models
 from serve_app.api.endpoint import Endpoint
 from serve_app.api.pipeline import Pipeline, ReadBody, RequestContext
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.engines.base import ENGINE_OPTIONS
+from serve_app.engines.base import capabilities
 from serve_app.errors import APIError
 from serve_app.model_state import ModelStateCache
 from serve_app.openapi import openapi_document
@@ -86,7 +86,7 @@ class OpenAIServer:
     async def openapi(self) -> Response:
         if self._openapi is None:
             models_ = self.config.models
-            options = set().union(*(ENGINE_OPTIONS[m.engine] for m in models_))
+            options = set().union(*(capabilities(m.engine).options for m in models_))
             limits = [m.max_model_len for m in models_]
             self._openapi = orjson.dumps(openapi_document(
                 list(self.models), self.config.authenticated, engine_options=options,

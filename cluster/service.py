@@ -117,14 +117,18 @@ def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progres
             if ((m.get("autoscaling") or {}).get("min_replicas", 1)) == 0:
                 progress(f"  {m['name']}: may scale to zero; its first request starts it")
             else:
-                models.append(m["name"])
-    for model in models:
-        r = httpx.post(f"{head.http_url}/v1/completions", timeout=120,
-                       json={"model": model, "prompt": "hello", "max_tokens": 1},
+                models.append((m["name"], m.get("task", "generate")))
+    for model, task in models:
+        if task == "embed":
+            path, body = "embeddings", {"model": model, "input": "hello"}
+        else:
+            path, body = "completions", {"model": model, "prompt": "hello", "max_tokens": 1}
+        r = httpx.post(f"{head.http_url}/v1/{path}", timeout=120, json=body,
                        headers=_api_key_header(config))
         if r.status_code != 200:
             raise RuntimeError(f"model {model} failed its first request: {r.text[:500]}")
-    progress(f"ready: first token served {time.monotonic() - t0:.1f}s after start; "
+    first = "token" if any(task != "embed" for _, task in models) or not models else "embedding"
+    progress(f"ready: first {first} served {time.monotonic() - t0:.1f}s after start; "
              f"OpenAI endpoint {head.http_url}/v1")
 
 

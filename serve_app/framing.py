@@ -11,15 +11,17 @@ so far; without it chunks carry no ``usage`` key, as OpenAI's.
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Literal
 
+import numpy as np
 import orjson
 
-from serve_app.protocol import Usage
+from serve_app.protocol import EmbedResult, Usage
 
 Kind = Literal["chat", "completion"]
 DONE = b"data: [DONE]\n\n"
@@ -149,3 +151,19 @@ async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
             yield part.decode("utf-8", errors="replace")
     if buf:
         yield buf.decode("utf-8", errors="replace")
+
+
+def embedding_list(model: str, result: EmbedResult, encoding_format: str) -> bytes:
+    """An ``EmbeddingList`` body.  ``float``: each vector as JSON numbers (float32's
+    shortest text, so they parse back to the same float32 values); ``base64``: its
+    little-endian float32 bytes, as OpenAI sends them."""
+    rows = np.ascontiguousarray(result.embeddings, dtype="<f4")
+    if encoding_format == "base64":
+        vectors = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+    else:
+        vectors = list(rows)
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+    return orjson.dumps({"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": result.prompt_tokens,
+                                   "total_tokens": result.prompt_tokens}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)

@@ -116,6 +116,44 @@ class CompletionRequest(_GenerationParams):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+Text = Annotated[StrictStr, Field(min_length=1)]
+Tokens = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+MAX_EMBED_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: ``input`` is a text, a list of texts, a list of token
+    ids (the model's own tokenizer's), or a list of those."""
+
+    model_config = ConfigDict(extra="allow")  # extras: a 400 naming them (the ingress)
+
+    model: StrictStr = Field(min_length=1)
+    input: (Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+            | Tokens | Annotated[list[Tokens], Field(min_length=1, max_length=MAX_EMBED_INPUTS)])
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(default=None, ge=1, description=(
+        "shorter vectors, for Matryoshka models only (else a 400 naming it)"))
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _at_most(cls, value: Any) -> Any:
+        """Said plainly (the union would name a member's first item instead)."""
+        if isinstance(value, list) and len(value) > MAX_EMBED_INPUTS and (
+                not value or not isinstance(value[0], int)):
+            raise ValueError(f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(value)}")
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        """Always a list of inputs, each a text or a list of token ids."""
+        value = self.input
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            return [value]
+        return list(value)
+
+    def extra_fields(self) -> dict[str, Any]:
+        return dict(self.__pydantic_extra__ or {})
+
+
 # ---- responses (what serve_app.framing writes) ------------------------------------
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -231,6 +269,26 @@ class CompletionChunk(_Out):
     usage: Usage | None = None
 
 
+class EmbeddingUsage(_Out):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embedding(_Out):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description=(
+        "the vector; with `encoding_format: base64`, its little-endian float32 bytes "
+        "in base64"))
+
+
+class EmbeddingList(_Out):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ModelStatus(_Out):
     """Published by the control loop (cluster.model_state)."""
 
@@ -247,6 +305,8 @@ class Model(_Out):
     created: int
     owned_by: str = "hpcserve"
     engine: str
+    task: Literal["generate", "embed"] = Field("generate", description=(
+        "generate: chat and completions; embed: embeddings"))
     max_model_len: int | None = None
     status: ModelStatus | None = None
 
@@ -273,8 +333,9 @@ class Health(_Out):
 
 
 def model_object(name: str, created: int, engine: str, max_model_len: int | None,
-                 status: dict | None = None) -> dict:
+                 status: dict | None = None, task: str = "generate") -> dict:
     """A served model as an OpenAI model object (``Model``); ``status`` is the control
     loop's live state of it (``ModelStatus``), when known."""
     return {"id": name, "object": "model", "created": created, "owned_by": "hpcserve",
-            "engine": engine, "max_model_len": max_model_len, "status": status}
+            "engine": engine, "task": task, "max_model_len": max_model_len,
+            "status": status}

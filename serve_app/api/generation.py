@@ -8,12 +8,11 @@ engine's usage lands in ``ctx.usage`` for the pipeline's account step.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from typing import Any, AsyncIterator
 
 from starlette.responses import Response, StreamingResponse
 
+from serve_app.api.engine_call import check_available, first_answer
 from serve_app.api.pipeline import RequestContext
 from serve_app.config import ModelConfig
 from serve_app.engines.base import capabilities
@@ -21,8 +20,6 @@ from serve_app.errors import APIError, as_engine_error
 from serve_app.framing import ResponseFramer
 from serve_app.openai_protocol import IGNORED_FIELDS
 from serve_app.protocol import GenerateDelta, GenerateRequest, SamplingParams, Usage
-
-log = logging.getLogger("hpcserve.ingress")
 
 # Options with engine-specific support: a 400 naming them where the engine lacks them,
 # unless the value asks for nothing (0, false, empty), which every engine honours.
@@ -38,6 +35,13 @@ def _prompt_tokens(deltas: list[GenerateDelta]) -> int:
     return next((d.usage.prompt_tokens for d in deltas if d.usage is not None), 0)
 
 
+async def _first(stream: AsyncIterator[list[GenerateDelta]]) -> list[GenerateDelta]:
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return []
+
+
 async def _prepend(first: list[GenerateDelta], rest: AsyncIterator[list[GenerateDelta]]):
     """The stream with its already-awaited first item put back in front."""
     if first:
@@ -48,6 +52,10 @@ async def _prepend(first: list[GenerateDelta], rest: AsyncIterator[list[Generate
 
 def to_generate(kind: str, body, cfg: ModelConfig, request_id: str) -> GenerateRequest:
     """The engine's request for an OpenAI body, or the 400 that names what is wrong."""
+    if cfg.task != "generate":
+        raise APIError(400, f"The model '{body.model}' serves embeddings (task "
+                       f"'{cfg.task}'), not {'chat' if kind == 'chat' else 'completions'}; "
+                       f"use POST /v1/embeddings.", param="model", code="unsupported_model")
     allowed = capabilities(cfg.engine).options
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
@@ -91,37 +99,9 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
     cfg = server.models[body.model]
     req = to_generate(kind, body, cfg, ctx.request_id)
     framer = ResponseFramer(kind, body.model)
-    wait_s = cfg.cold_start_timeout_s
-    status = server.model_state.status(body.model)
-    if status and status["state"] == "unavailable":  # no replica, and none can come
-        raise APIError(503, f"The model '{body.model}' is unavailable: "
-                       f"{status.get('reason') or 'no allocation can host it'}.",
-                       type_="server_error", code="model_unavailable",
-                       headers={"Retry-After": "60"})
+    check_available(server, body.model)
     stream = server._engine_stream(req)
-    try:
-        # Where the engine may have no replica (routed: a cold model, a batch job on
-        # its way) wait at most cold_start_timeout_s; an engine replica serving HTTP
-        # itself is the replica, so it skips the timer task on every request.
-        first = await (asyncio.wait_for(anext(stream), wait_s) if server.COLD_START_WAIT
-                       else anext(stream))
-    except StopAsyncIteration:
-        first = []
-    except asyncio.TimeoutError:
-        await stream.aclose()
-        status = server.model_state.status(body.model) or {}
-        raise APIError(503, f"The model '{body.model}' is starting "
-                       f"({status.get('state', 'no replica yet')}) and did not answer "
-                       f"within cold_start_timeout_s={wait_s:g}; retry later.",
-                       type_="server_error", code="model_starting",
-                       headers={"Retry-After": "30"}) from None
-    except APIError:
-        raise
-    except Exception as exc:
-        log.warning("engine for %s unavailable: %r", body.model, exc)
-        raise APIError(503, f"No engine replica for '{body.model}' could serve the "
-                       f"request ({type(exc).__name__}).", type_="server_error",
-                       code="engine_unavailable") from None
+    first = await first_answer(server, body.model, _first(stream), stream.aclose)
     if body.stream:
         options = body.stream_options
         include_usage = bool(options and options.include_usage)

@@ -12,7 +12,7 @@ from serve_app.openai_protocol import model_object
 
 def _object(server, m) -> dict:
     return model_object(m.name, server.created, m.engine, m.max_model_len,
-                        server.model_state.status(m.name))
+                        server.model_state.status(m.name), task=m.task)
 
 
 async def _list(server, ctx) -> Response:

@@ -1,6 +1,7 @@
 """``OpenAIServer``: the OpenAI routes, the request pipeline, and where tokens come from.
 
-Subclasses say only where the token stream comes from (``_engine_stream``):
+Subclasses say only where the engine's answers come from (``_engine_stream`` for
+generation, ``_embed`` for embeddings):
 
 * ``serve_app.ingress.RoutedIngress`` -- one replica on the head routing to engine
   deployments, with failover (several models, replicas that may die);
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serve_app.access.steps import AuthorizeModel, access_steps
-from serve_app.api import chat, completions, models
+from serve_app.api import chat, completions, embeddings, models
 from serve_app.api.endpoint import Endpoint
 from serve_app.api.pipeline import Pipeline, ReadBody, RequestContext
 from serve_app.config import AppConfig, ModelConfig
@@ -34,16 +35,17 @@ from serve_app.engines.base import capabilities
 from serve_app.errors import APIError
 from serve_app.model_state import ModelStateCache
 from serve_app.openapi import openapi_document
-from serve_app.protocol import GenerateDelta, GenerateRequest
+from serve_app.protocol import EmbedRequest, EmbedResult, GenerateDelta, GenerateRequest
 
 log = logging.getLogger("hpcserve.ingress")
 
 ENDPOINTS: tuple[Endpoint, ...] = (models.LIST, models.GET, chat.ENDPOINT,
-                                   completions.ENDPOINT)
+                                   completions.ENDPOINT, embeddings.ENDPOINT)
 
 
 class OpenAIServer:
-    """The routes and request handling; ``_engine_stream`` is the subclass's."""
+    """The routes and request handling; ``_engine_stream`` and ``_embed`` are the
+    subclass's (errors the client caused raised as ``APIError``)."""
 
     COLD_START_WAIT = False  # a subclass whose engine may have no replica sets it
 
@@ -58,6 +60,9 @@ class OpenAIServer:
         self._openapi: bytes | None = None
 
     def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
+        raise NotImplementedError
+
+    async def _embed(self, req: EmbedRequest) -> EmbedResult:
         raise NotImplementedError
 
     async def handle(self, request: Request, endpoint: Endpoint) -> Response:
@@ -85,12 +90,14 @@ class OpenAIServer:
 
     async def openapi(self) -> Response:
         if self._openapi is None:
-            models_ = self.config.models
-            options = set().union(*(capabilities(m.engine).options for m in models_))
-            limits = [m.max_model_len for m in models_]
+            generators = [m for m in self.config.models if m.task == "generate"]
+            options = set().union(*(capabilities(m.engine).options for m in generators))
+            limits = [m.max_model_len for m in generators]
             self._openapi = orjson.dumps(openapi_document(
-                list(self.models), self.config.authenticated, engine_options=options,
-                max_tokens=None if None in limits else max(limits) - 1))
+                [m.name for m in generators], self.config.authenticated,
+                engine_options=options,
+                max_tokens=None if None in limits or not limits else max(limits) - 1,
+                embedding_models=[m.name for m in self.config.models if m.task == "embed"]))
         return Response(self._openapi, media_type="application/json")
 
 

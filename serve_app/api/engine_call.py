@@ -1,0 +1,60 @@
+"""Waiting for an engine's first answer, the same way for every endpoint.
+
+The server may have no engine replica for a model yet (routed: a model scaled to
+zero, its batch job on the way), so the first answer -- a stream's first chunk, an
+embedding -- is awaited at most ``cold_start_timeout_s`` (503 ``model_starting``);
+a model the control loop marks unavailable is a 503 at once; an engine failure
+before anything was sent is a 503 ``engine_unavailable``.  Errors the client caused
+(``APIError``) pass through with their 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from serve_app.errors import APIError
+
+log = logging.getLogger("hpcserve.ingress")
+
+T = TypeVar("T")
+
+
+def check_available(server: Any, model: str) -> None:
+    """503 for a model with no replica that none can come to (checked before the
+    engine is asked, so nothing is started for it)."""
+    status = server.model_state.status(model)
+    if status and status["state"] == "unavailable":
+        raise APIError(503, f"The model '{model}' is unavailable: "
+                       f"{status.get('reason') or 'no allocation can host it'}.",
+                       type_="server_error", code="model_unavailable",
+                       headers={"Retry-After": "60"})
+
+
+async def first_answer(server: Any, model: str, call: Awaitable[T],
+                       on_timeout: Callable[[], Awaitable[Any]] | None = None) -> T:
+    """``await call`` within the model's cold start timeout, errors mapped as above.
+
+    An engine replica that serves HTTP itself (``COLD_START_WAIT`` false) is the
+    replica, so it skips the timer task on every request."""
+    wait_s = server.models[model].cold_start_timeout_s
+    try:
+        return await (asyncio.wait_for(call, wait_s) if server.COLD_START_WAIT else call)
+    except asyncio.TimeoutError:
+        if on_timeout is not None:
+            await on_timeout()
+        status = server.model_state.status(model) or {}
+        raise APIError(503, f"The model '{model}' is starting "
+                       f"({status.get('state', 'no replica yet')}) and did not answer "
+                       f"within cold_start_timeout_s={wait_s:g}; retry later.",
+                       type_="server_error", code="model_starting",
+                       headers={"Retry-After": "30"}) from None
+    except APIError:
+        raise
+    except Exception as exc:
+        log.warning("engine for %s unavailable: %r", model, exc)
+        raise APIError(503, f"No engine replica for '{model}' could serve the "
+                       f"request ({type(exc).__name__}).", type_="server_error",
+                       code="engine_unavailable") from None

@@ -12,15 +12,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import orjson
 
-from cluster.bench.plots import write_plots
-from cluster.bench.progress import NullProgress, ProgressSink, RichProgress
-from cluster.bench.report import build_report, markdown, write_outputs
-from cluster.bench.runner import BenchConfig, BenchError, Step, Target, run_bench
-from cluster.bench.workload import PromptFactory, Tokenizer
+if TYPE_CHECKING:
+    from cluster.bench.progress import ProgressSink
+    from cluster.bench.workload import Tokenizer
 
 DESCRIPTION = """\
 Load-test an OpenAI-compatible endpoint with streaming requests: a concurrency sweep
@@ -156,6 +154,13 @@ def _running_service(home: str | None) -> tuple[str | None, str | None]:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    # Imported here: numpy, matplotlib and the client take seconds, which every other
+    # `hpcserve` command (they share this parser) would pay.
+    from cluster.bench.plots import write_plots
+    from cluster.bench.progress import NullProgress, RichProgress
+    from cluster.bench.report import build_report, markdown, write_outputs
+    from cluster.bench.runner import BenchConfig, BenchError, Step, Target, run_bench
+    from cluster.bench.workload import PromptFactory
     if not args.url or not args.model:
         url, model = _running_service(args.home)
         args.url, args.model = args.url or url, args.model or model

@@ -60,15 +60,16 @@ def _cmd_control(args) -> int:
 
 
 def _cmd_deploy(args) -> int:
-    from cluster.config import ingress_mode_changes, load_config
+    from cluster.config import access_store_of, ingress_mode_changes, load_config
     from cluster.head import HeadInfo, deploy_serve, serve_status
     from cluster.service import home_dir, run_dir_of
+    home = home_dir(args.home)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, access_store=access_store_of(home))
     except ConfigError as err:
         print(f"hpcserve: {err}", file=sys.stderr)
         return 2
-    head = HeadInfo.load(run_dir_of(home_dir(args.home)))
+    head = HeadInfo.load(run_dir_of(home))
     for change in ingress_mode_changes(serve_status(head), config.serve):
         print(f"hpcserve: note: {change}", file=sys.stderr)
     deploy_serve(head, config.serve)

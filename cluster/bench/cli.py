@@ -138,7 +138,7 @@ def _validate(args: argparse.Namespace) -> str | None:
 
 def _running_service(home: str | None) -> tuple[str | None, str | None]:
     """(endpoint URL, first model) of the hpcserve running from ``home``, if any."""
-    from cluster.config import load_config
+    from cluster.config import load_run_config
     from cluster.head import HeadInfo
     from cluster.service import home_dir, run_dir_of
     run_dir = run_dir_of(home_dir(home))
@@ -146,7 +146,7 @@ def _running_service(home: str | None) -> tuple[str | None, str | None]:
         return None, None
     url = HeadInfo.load(run_dir).http_url + "/v1"
     try:
-        apps = load_config(run_dir / "config.yaml").serve.get("applications") or []
+        apps = load_run_config(run_dir).serve.get("applications") or []
         models = [m["name"] for a in apps for m in (a.get("args") or {}).get("models", [])]
     except Exception:  # an unreadable config: the URL is still right
         models = []

@@ -1,4 +1,4 @@
-"""The `hpcserve` command: up, down, status, deploy, bench, build-model."""
+"""The `hpcserve` command: up, down, status, deploy, keys, usage, bench, build-model."""
 
 from __future__ import annotations
 
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-model", help="build the tiny local model")
     p.add_argument("--cache-dir")
     p.set_defaults(func=_cmd_build_model)
+    from cluster.access_cli import add_parsers as add_access
+    add_access(sub, with_home)
     from cluster.bench.cli import add_parser as add_bench
     add_bench(sub)
     return parser

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from cluster import metrics
-from cluster.config import load_config
+from cluster.config import load_run_config
 from cluster.head import HeadInfo
 from cluster.model_state import model_states, publish
 from cluster.policy import demand_by_pool
@@ -43,7 +43,7 @@ def worker_environment(head: HeadInfo) -> dict[str, str]:
 
 
 def build_pools(run_dir: Path, head: HeadInfo, store: StateStore, view: RayView) -> list[Pool]:
-    config = load_config(run_dir / "config.yaml")
+    config = load_run_config(run_dir)
     env = worker_environment(head)
     pools = []
     for pc in config.cluster.pools:
@@ -75,7 +75,7 @@ def run(run_dir: Path) -> None:
     store = StateStore(run_dir / "state.db")
     view = RayView(head)
     pools = build_pools(run_dir, head, store, view)
-    config = load_config(run_dir / "config.yaml")
+    config = load_run_config(run_dir)
     cluster = config.cluster
     interval, idle_interval = cluster.control_interval_s, cluster.control_idle_interval_s
     stopping = False

@@ -119,3 +119,38 @@ def test_allow_unauthenticated_is_an_explicit_choice_that_up_warns_about(tmp_pat
                                            "applications": [APP]}))
     (warning,) = config.warnings()
     assert "no API key" in warning and "0.0.0.0" in warning
+
+
+def test_apps_taking_credentials_get_the_heads_access_store(tmp_path):
+    def app(name, **args):
+        return {**APP, "name": name, "route_prefix": f"/{name}",
+                "args": {**APP["args"], **args}}
+    apps = [app("managed", access={"managed_keys": True}),
+            app("oidc", access={"oidc": {"issuer": "https://sso", "audience": "hpcserve",
+                                         "jwks_file": "/etc/jwks.json"}}),
+            app("static", api_keys=["k1"]),
+            app("own", access={"managed_keys": True, "store": "/srv/own.db"}),
+            app("open")]
+    path = _write(tmp_path, {"http_options": {"host": "127.0.0.1"}, "applications": apps})
+    config = load_config(path, access_store=tmp_path / "access.db")
+    stores = {a["name"]: (a["args"].get("access") or {}).get("store")
+              for a in config.serve["applications"]}
+    assert stores == {"managed": str(tmp_path / "access.db"),
+                      "oidc": str(tmp_path / "access.db"),
+                      "static": str(tmp_path / "access.db"),
+                      "own": "/srv/own.db", "open": None}
+    with pytest.raises(ConfigError, match="access.store: managed_keys needs"):
+        load_config(path)  # `serve deploy`-like: no home, no store
+
+
+def test_managed_keys_or_oidc_alone_may_serve_beyond_loopback(tmp_path):
+    for access in ({"managed_keys": True},
+                   {"oidc": {"issuer": "https://sso", "audience": "a", "jwks_url": "https://j"}}):
+        keyed = {**APP, "args": {**APP["args"], "access": access}}
+        config = load_config(_write(tmp_path, {"http_options": {"host": "192.0.2.7"},
+                                               "applications": [keyed]}),
+                             access_store=tmp_path / "access.db")
+        assert config.authenticated and config.serve["http_options"]["host"] == "0.0.0.0"
+    with pytest.raises(ConfigError, match="access.managed_keys or access.oidc"):
+        load_config(_write(tmp_path, {"http_options": {"host": "192.0.2.7"},
+                                      "applications": [APP]}))

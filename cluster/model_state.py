@@ -7,8 +7,9 @@ The control loop computes, per model, one of
 * ``queued``: no replica serves, and the batch job that would host one waits in the
   scheduler's queue;
 * ``cold``: zero replicas wanted; the first request starts one;
-* ``unavailable``: replicas are wanted and nothing can host them (the pool's
-  node-hour budget is spent, or the provider keeps refusing), with the reason,
+* ``unavailable``: replicas are wanted and nothing can host them: none is placed on
+  a node, no job is on its way, and the pool cannot add one (its node-hour budget is
+  spent, or the provider refuses submissions), with the reason,
 
 plus replica counts and the least wall-time left among the nodes serving it.  It is
 written to the GCS's key-value store (``internal_kv``, namespace ``hpcserve``) once
@@ -25,7 +26,7 @@ from typing import Any
 
 from cluster.config import PoolConfig
 from cluster.policy import host_pool, replica_bundle
-from cluster.state import QUEUED, Allocation
+from cluster.state import QUEUED, STARTING, Allocation
 
 KV_NAMESPACE = b"hpcserve"
 KV_KEY = b"model_state"
@@ -49,14 +50,17 @@ def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, 
         mine = [a for a in allocations if pool is not None and a.pool == pool.name]
         ends = [by_node[r["node_id"]].end_time for r in running
                 if r.get("node_id") in by_node and by_node[r["node_id"]].end_time]
-        reason = ""
+        extra: dict[str, Any] = {}  # reason: only when unavailable
         if running:
             state = "scaling" if target > len(running) else "ready"
         elif target == 0:
             state = "cold"
         elif pool is not None and pool.name in blocked and \
-                not any(a.joined_time for a in mine):
-            state, reason = "unavailable", blocked[pool.name]
+                not any(r.get("node_id") for r in replicas) and \
+                not any(a.phase in (QUEUED, STARTING) for a in mine):
+            # no replica placed, no job on its way, and none can be added: the pool's
+            # serving nodes (other models' perhaps) have no room for one
+            state, extra["reason"] = "unavailable", blocked[pool.name]
         elif not any(a.joined_time for a in mine) and any(a.phase == QUEUED for a in mine):
             state = "queued"
         else:
@@ -64,7 +68,7 @@ def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, 
         out[model["name"]] = {
             "state": state, "running_replicas": len(running), "target_replicas": target,
             "walltime_left_s": round(min(ends) - now) if ends else None,
-            **({"reason": reason} if reason else {})}
+            **extra}
     return out
 
 

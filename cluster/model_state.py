@@ -5,7 +5,8 @@ The control loop computes, per model, one of
 * ``ready``: replicas serve;  ``scaling``: they serve and more are coming;
 * ``starting``: no replica serves yet, a node is joining or the engine loading;
 * ``queued``: no replica serves, and the batch job that would host one waits in the
-  scheduler's queue;
+  scheduler's queue; ``expected_start`` (unix seconds) is the scheduler's estimate of
+  the earliest such job's start, where it gives one (``Provider.expected_start``);
 * ``cold``: zero replicas wanted; the first request starts one;
 * ``unavailable``: replicas are wanted and nothing can host them: none is placed on
   a node, no job is on its way, and the pool cannot add one (its node-hour budget is
@@ -34,11 +35,14 @@ KV_KEY = b"model_state"
 
 def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, dict],
                  pools: Iterable[PoolConfig], allocations: Iterable[Allocation],
-                 blocked: Mapping[str, str], now: float) -> dict[str, dict]:
+                 blocked: Mapping[str, str], now: float,
+                 expected_starts: Mapping[str, float] | None = None) -> dict[str, dict]:
     """``deployments``: Serve's deployment details by name (``engine-<model>``);
-    ``blocked``: pool name -> why it cannot submit (budget spent, provider refusing)."""
+    ``blocked``: pool name -> why it cannot submit (budget spent, provider refusing);
+    ``expected_starts``: allocation id -> the scheduler's expected start of its job."""
     pools = list(pools)
     allocations = list(allocations)
+    expected_starts = expected_starts or {}
     by_node = {a.node_id: a for a in allocations if a.node_id}
     out = {}
     for model in models:
@@ -50,7 +54,7 @@ def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, 
         mine = [a for a in allocations if pool is not None and a.pool == pool.name]
         ends = [by_node[r["node_id"]].end_time for r in running
                 if r.get("node_id") in by_node and by_node[r["node_id"]].end_time]
-        extra: dict[str, Any] = {}  # reason: only when unavailable
+        extra: dict[str, Any] = {}  # reason, expected_start: only when known
         if running:
             state = "scaling" if target > len(running) else "ready"
         elif target == 0:
@@ -63,6 +67,10 @@ def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, 
             state, extra["reason"] = "unavailable", blocked[pool.name]
         elif not any(a.joined_time for a in mine) and any(a.phase == QUEUED for a in mine):
             state = "queued"
+            starts = [expected_starts[a.id] for a in mine
+                      if a.phase == QUEUED and a.id in expected_starts]
+            if starts:
+                extra["expected_start"] = round(min(starts))
         else:
             state = "starting"  # a node joining or the engine loading
         out[model["name"]] = {

@@ -7,6 +7,8 @@ drain through Ray (DrainNode with a deadline: Serve starts replacement replicas
 before it stops the old ones), release a drained job early.  Failed, vanished or
 stuck jobs are recorded here; replacing them is the policy's floor rule, paced by a
 backoff.  A provider that errors never stops serving: the tick skips what needs it.
+For a queued job it also asks the scheduler's expected start, at most every
+``EXPECTED_START_EVERY_S`` (a query per job: not every tick).
 
 ``lead_time`` adapts to what was observed (queue wait + start-up + hand-over),
 see ``LeadTime``.  All state lives in ``StateStore``, so a restarted loop resumes.
@@ -15,6 +17,7 @@ see ``LeadTime``.  All state lives in ``StateStore``, so a restarted loop resume
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from typing import Callable
@@ -47,6 +50,8 @@ from cluster.state import (
 )
 
 log = logging.getLogger("hpcserve.pool")
+
+EXPECTED_START_EVERY_S = 10.0  # how often to ask the scheduler about one queued job
 
 # drain(node_id, deadline_s, reason) -> (accepted, message); RayView.drain in production.
 Drainer = Callable[[str, float, str], tuple[bool, str]]
@@ -104,6 +109,8 @@ class Pool:
         self.failures = 0
         self.next_submit_after = 0.0
         self.demand_nodes = 0  # set by the control loop from Ray's unmet demand
+        self.expected_starts: dict[str, float] = {}  # queued allocation -> scheduler's estimate
+        self._expected_asked: dict[str, float] = {}  # queued allocation -> when last asked
         self._demand_seen = 0
         self._refused_seen: list[str] = []
         self._last_failure = ""
@@ -159,6 +166,7 @@ class Pool:
         live = self.live()
         self._refresh_jobs(live, now)
         live = self.live()
+        self._refresh_expected_starts(live, now)
         node_states = None
         if nodes is not None:
             node_states = self._match_nodes(live, nodes, now)
@@ -234,6 +242,27 @@ class Pool:
                 self._backoff(now, f"{a.id} stuck in the queue")
                 continue
             self.store.save(a)
+
+    def _refresh_expected_starts(self, live: list[Allocation], now: float) -> None:
+        """Ask the scheduler when each queued job should start, at most every
+        ``EXPECTED_START_EVERY_S`` per job (a query per job, so not every tick)."""
+        queued = {a.id: a.job_id for a in live if a.phase == QUEUED}
+        for gone in set(self._expected_asked) - set(queued):
+            self._expected_asked.pop(gone)
+            self.expected_starts.pop(gone, None)
+        for alloc_id, job_id in queued.items():
+            if now - self._expected_asked.get(alloc_id, -math.inf) < EXPECTED_START_EVERY_S:
+                continue
+            self._expected_asked[alloc_id] = now
+            try:
+                when = self.provider.expected_start(job_id)
+            except ProviderError as err:
+                log.debug("[%s] expected start of %s unknown: %s", self.config.name, job_id, err)
+                continue
+            if when is None:
+                self.expected_starts.pop(alloc_id, None)
+            else:
+                self.expected_starts[alloc_id] = when
 
     def _match_nodes(self, live: list[Allocation], nodes: list[NodeView],
                      now: float) -> dict[str, NodeState]:

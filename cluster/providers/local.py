@@ -127,6 +127,17 @@ class LocalProvider(Provider):
         return JobInfo(job_id, state, node=st.get("node"), start_time=st.get("start_time"),
                        end_time=st.get("end_time"), reason=st.get("reason", ""))
 
+    def expected_start(self, job_id: str) -> float | None:
+        """This scheduler's queue is ``queue_delay_s`` long: a pending job starts then."""
+        if self._info(job_id).state is not JobState.PENDING:
+            return None
+        job_dir = self.jobs_dir / job_id
+        try:
+            submitted = json.loads((job_dir / "state.json").read_text())["submit_time"]
+            return submitted + json.loads((job_dir / "job.json").read_text())["queue_delay_s"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     def cancel(self, job_id: str) -> None:
         """Like scancel: the supervisor TERMs the job's group, KILLs it after a grace."""
         job_dir = self.jobs_dir / job_id

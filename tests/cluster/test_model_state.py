@@ -28,8 +28,9 @@ def _alloc(pool: str, phase: str, **fields) -> Allocation:
     return a
 
 
-def _state(models, deployments, allocations=(), blocked=None):
-    return model_states(models, deployments, POOLS, allocations, blocked or {}, NOW)
+def _state(models, deployments, allocations=(), blocked=None, expected_starts=None):
+    return model_states(models, deployments, POOLS, allocations, blocked or {}, NOW,
+                        expected_starts)
 
 
 def test_ready_scaling_cold():
@@ -51,6 +52,22 @@ def test_queued_then_starting_follow_the_models_own_pool():
     joined = _alloc("gpu", STARTING, joined_time=NOW - 5)
     assert _state([BIG], {"engine-big": _dep(1, "STARTING")},
                   [joined])["big"]["state"] == "starting"
+
+
+def test_queued_carries_the_schedulers_expected_start_when_it_gives_one():
+    early, late = _alloc("gpu", QUEUED, id="gpu-a"), _alloc("gpu", QUEUED, id="gpu-b")
+    waiting = {"engine-big": _dep(1, "STARTING", node=None)}
+    big = _state([BIG], waiting, [early, late],
+                 expected_starts={"gpu-a": NOW + 95.4, "gpu-b": NOW + 30.6})["big"]
+    assert big == {"state": "queued", "running_replicas": 0, "target_replicas": 1,
+                   "walltime_left_s": None, "expected_start": round(NOW + 31)}  # the earliest
+    unknown = _state([BIG], waiting, [early, late], expected_starts={})["big"]
+    assert unknown["state"] == "queued" and "expected_start" not in unknown  # N/A: left out
+    # another pool's estimate is not this model's
+    other = _state([TINY], {"engine-tiny": _dep(1, "STARTING", node=None)},
+                   [_alloc("cpu", QUEUED, id="cpu-a"), early],
+                   expected_starts={"gpu-a": NOW + 10})["tiny"]
+    assert other["state"] == "queued" and "expected_start" not in other
 
 
 def test_unavailable_says_why_and_only_for_the_blocked_pool():

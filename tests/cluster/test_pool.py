@@ -225,14 +225,15 @@ def test_budget_of_one_allocation_hour_stops_the_pool_growing_and_says_so(tmp_pa
 
 
 class _Scheduler(Provider):
-    """A scheduler in memory: refuses every submit when told to, counts the calls."""
+    """A scheduler in memory: refuses every submit when told to, gives expected starts,
+    counts the calls."""
 
     name = "fake"
 
-    def __init__(self, refuse: str = ""):
-        self.refuse = refuse
+    def __init__(self, refuse: str = "", start: float | None = None):
+        self.refuse, self.start = refuse, start
         self.jobs: dict[str, JobState] = {}
-        self.submits = 0
+        self.submits = self.asked = 0
 
     def submit(self, spec):
         self.submits += 1
@@ -246,6 +247,10 @@ class _Scheduler(Provider):
 
     def cancel(self, job_id):
         self.jobs[job_id] = JobState.CANCELLED
+
+    def expected_start(self, job_id):
+        self.asked += 1
+        return self.start
 
 
 REFUSAL = ("sbatch: error: Batch job submission failed: Invalid account or "
@@ -283,3 +288,39 @@ def test_a_refusing_provider_is_retried_with_growing_backoff_and_says_why(tmp_pa
     pool.tick(nodes=None, now=t0 + 124)
     assert scheduler.submits == 6 and pool.blocked(t0 + 124) == ""
     assert len(store.allocations(live_only=True)) == 2
+
+
+def test_expected_start_is_asked_every_10_s_per_queued_job_not_every_tick(tmp_path, script):
+    pool, _, store = _pool(tmp_path, script, min_allocations=1)
+    pool.provider = scheduler = _Scheduler(start=1_900_000_000.0)
+    t0 = float(round(time.time()))
+    for second in range(25):
+        pool.tick(nodes=None, now=t0 + second)
+    (a,) = store.allocations(live_only=True)
+    # submitted at 0 s, asked from the next tick on: at 1, 11 and 21 s
+    assert a.phase == QUEUED and scheduler.asked == 3
+    assert pool.expected_starts == {a.id: 1_900_000_000.0}
+    scheduler.start = None  # the estimate is withdrawn (N/A): so is ours
+    pool.tick(nodes=None, now=t0 + 31)
+    assert pool.expected_starts == {}
+    scheduler.start = 1_900_000_100.0
+    pool.tick(nodes=None, now=t0 + 41)
+    assert pool.expected_starts == {a.id: 1_900_000_100.0}
+    scheduler.jobs[a.job_id] = JobState.RUNNING  # started: nothing more to ask
+    pool.tick(nodes=None, now=t0 + 51)
+    assert pool.expected_starts == {} and scheduler.asked == 5
+
+
+def test_local_provider_expects_a_job_to_start_after_its_queue_delay(tmp_path, script):
+    provider = LocalProvider(tmp_path / "jobs", job_script=script, queue_delay_s=60,
+                             kill_grace_s=2)
+    spec = WorkerSpec(allocation_id="a1", pool="p", head_address="127.0.0.1:1",
+                      walltime_s=600, warning_s=60)
+    before = time.time()
+    job = provider.submit(spec)
+    try:
+        assert before + 60 <= provider.expected_start(job) <= time.time() + 60
+    finally:
+        provider.cancel(job)
+    assert _until(lambda: provider.poll([job])[job].state.terminal)
+    assert provider.expected_start(job) is None and provider.expected_start("nope") is None

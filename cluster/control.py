@@ -63,7 +63,8 @@ def _publish_model_state(view: RayView, pools: list[Pool], serve: dict,
               for m in (app.get("args") or {}).get("models") or []]
     states = model_states(models, view.deployments, [p.config for p in pools],
                           store.allocations(live_only=True),
-                          {p.config.name: why for p in pools if (why := p.blocked(now))}, now)
+                          {p.config.name: why for p in pools if (why := p.blocked(now))}, now,
+                          {a: t for p in pools for a, t in p.expected_starts.items()})
     try:
         publish(view, states)
     except Exception as err:  # the GCS restarting: the replicas keep their last copy

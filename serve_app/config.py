@@ -65,7 +65,8 @@ class ModelConfig(_Strict):
     cold_start_timeout_s: float = Field(default=600.0, gt=0, description=(
         "how long a request waits for a model with no replica (scaled to zero, its "
         "batch job queued) before a 503 model_starting with Retry-After; enforced by "
-        "the routed ingress (with `direct` the request waits in Serve's proxy)"))
+        "the routed ingress (`auto` picks it for a model with autoscaling.min_replicas "
+        "0; `direct` is refused for such a model)"))
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
@@ -104,8 +105,9 @@ class AppConfig(_Strict):
     ingress: Literal["auto", "routed", "direct"] = Field(
         default="auto", description="routed: one ingress replica on the head routes to the "
         "engines and retries a failed stream on another replica; direct: the engine replicas "
-        "answer HTTP themselves (one model only; one hop less, no mid-stream failover); "
-        "auto: direct for one model, routed for several")
+        "answer HTTP themselves (one model only, not one that scales to zero; one hop "
+        "less, no mid-stream failover); auto: direct for one always-on model, routed "
+        "otherwise")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppConfig":
@@ -139,6 +141,13 @@ class AppConfig(_Strict):
         if value == "direct" and len(models) != 1:
             raise ValueError(f"'direct' serves exactly one model, the config has "
                              f"{len(models)}; use 'routed' or 'auto'")
+        if value == "direct" and _may_go_cold(models):
+            raise ValueError(
+                "a model that scales to zero (models.0.autoscaling.min_replicas: 0) needs "
+                "the routed ingress, which holds a request for it up to "
+                "cold_start_timeout_s and then answers 503 model_starting; on 'direct' "
+                "Serve's proxy holds it with no limit, and /v1/models with it.  Use "
+                "'routed' or 'auto'")
         return value
 
     @property
@@ -150,14 +159,14 @@ class AppConfig(_Strict):
         ``direct`` is x0.94-0.99 (docs/benchmarks.md).  A config pays that only
         when it needs it: several models, a model that may scale to zero (with no
         replica, only the head's ingress can answer ``/v1/models`` with the model's
-        state; a cold request is served either way), or ``ingress: routed`` for
-        retries on another replica (mid-stream failover).
+        state and bound a cold request's wait by ``cold_start_timeout_s``; an explicit
+        ``direct`` is refused for it), or ``ingress: routed`` for retries on another
+        replica (mid-stream failover).
         """
         if self.ingress != "auto":
             return self.ingress
-        may_go_cold = any(m.autoscaling is not None and m.autoscaling.min_replicas == 0
-                          for m in self.models)
-        return "direct" if len(self.models) == 1 and not may_go_cold else "routed"
+        return "direct" if len(self.models) == 1 and not _may_go_cold(self.models) \
+            else "routed"
 
     def load_api_keys(self) -> list[str]:
         keys = list(self.api_keys)
@@ -165,6 +174,10 @@ class AppConfig(_Strict):
             with open(self.api_keys_file, encoding="utf-8") as f:
                 keys += [line.strip() for line in f if line.strip()]
         return keys
+
+
+def _may_go_cold(models: list[ModelConfig]) -> bool:
+    return any(m.autoscaling is not None and m.autoscaling.min_replicas == 0 for m in models)
 
 
 class ConfigError(ValueError):

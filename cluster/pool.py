@@ -285,7 +285,7 @@ class Pool:
                 pred = next((p for p in live if p.id == a.predecessor), None)
                 if pred is not None and pred.drain_time:
                     self.store.observe(self.config.name, "handover_s", now - pred.drain_time)
-            if node.replicas:
+            if node.replicas or node.busy:
                 a.idle_since = 0.0
             elif not a.idle_since:
                 a.idle_since = now

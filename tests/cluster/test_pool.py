@@ -15,7 +15,15 @@ from cluster.config import PoolConfig
 from cluster.pool import LeadTime, Pool
 from cluster.providers.base import JobInfo, JobState, Provider, ProviderError, WorkerSpec
 from cluster.providers.local import LocalProvider
-from cluster.state import FAILED, QUEUED, SERVING, STARTING, Allocation, StateStore
+from cluster.state import (
+    DRAINING,
+    FAILED,
+    QUEUED,
+    SERVING,
+    STARTING,
+    Allocation,
+    StateStore,
+)
 
 
 @pytest.fixture
@@ -324,3 +332,39 @@ def test_local_provider_expects_a_job_to_start_after_its_queue_delay(tmp_path, s
         provider.cancel(job)
     assert _until(lambda: provider.poll([job])[job].state.terminal)
     assert provider.expected_start(job) is None and provider.expected_start("nope") is None
+
+
+def test_a_node_whose_replica_is_still_being_created_is_not_idle(tmp_path, script):
+    """Ray placed a replica on the new node (its slot is taken) but the replica's worker
+    has not started, so Serve does not list it there yet: not idle, not given back
+    (seen on a loaded box: the node was drained 10 s after joining, and its replica
+    with it)."""
+    from cluster.ray_view import ALLOCATION_LABEL, NodeView, resources_in_use
+
+    pool, provider, store = _pool(tmp_path, script, min_allocations=0, max_allocations=1,
+                                  idle_release_s=10)
+    try:
+        pool.demand_nodes = 1
+        pool.tick(nodes=[])
+        assert _until(lambda: (pool.tick(nodes=[]), store.allocations()[0].phase == STARTING)[1])
+        a = store.allocations()[0]
+        total = {"CPU": 1.0, "hpc_slot": 1.0, "memory": 1e9, "node:127.0.0.10": 1.0}
+        creating = NodeView(node_id="n1", ip="127.0.0.10", alive=True, draining=False,
+                            labels={ALLOCATION_LABEL: a.id},
+                            busy=resources_in_use(total, {"CPU": 1.0, "memory": 1e9,
+                                                          "node:127.0.0.10": 1.0}))
+        assert creating.busy and not creating.replicas
+        pool.demand_nodes = 0  # the replica got its node: Ray's demand is gone
+        t0 = time.time()
+        for second in range(0, 40, 5):
+            pool.tick(nodes=[creating], now=t0 + second)
+        assert store.allocations(live_only=True)[0].idle_since == 0.0  # never idle
+        empty = NodeView(node_id="n1", ip="127.0.0.10", alive=True, draining=False,
+                         labels={ALLOCATION_LABEL: a.id},
+                         busy=resources_in_use(total, dict(total)))
+        assert not empty.busy
+        pool.tick(nodes=[empty], now=t0 + 40)
+        pool.tick(nodes=[empty], now=t0 + 51)
+        assert store.allocations()[0].phase == DRAINING  # idle 11 s: given back
+    finally:
+        _cancel_all(provider, store)

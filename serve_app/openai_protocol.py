@@ -239,6 +239,7 @@ class ModelStatus(_Out):
     target_replicas: int
     walltime_left_s: int | None = None
     reason: str | None = None
+    expected_start: int | None = None  # queued: when the scheduler expects the job to start
 
 
 class Model(_Out):

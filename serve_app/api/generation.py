@@ -92,19 +92,14 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
     req = to_generate(kind, body, cfg, ctx.request_id)
     framer = ResponseFramer(kind, body.model)
     wait_s = cfg.cold_start_timeout_s
-    status = server.model_state.status(body.model)
-    if status and status["state"] == "unavailable":  # no replica, and none can come
-        raise APIError(503, f"The model '{body.model}' is unavailable: "
-                       f"{status.get('reason') or 'no allocation can host it'}.",
-                       type_="server_error", code="model_unavailable",
-                       headers={"Retry-After": "60"})
+    _raise_if_unavailable(server, body.model)
     stream = server._engine_stream(req)
     try:
         # Where the engine may have no replica (routed: a cold model, a batch job on
         # its way) wait at most cold_start_timeout_s; an engine replica serving HTTP
         # itself is the replica, so it skips the timer task on every request.
-        first = await (asyncio.wait_for(anext(stream), wait_s) if server.COLD_START_WAIT
-                       else anext(stream))
+        first = await (_first_while_starting(server, body.model, stream, wait_s)
+                       if server.COLD_START_WAIT else anext(stream))
     except StopAsyncIteration:
         first = []
     except asyncio.TimeoutError:
@@ -142,6 +137,36 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
     logprobs = framer.logprobs(entries) if req.extras.get("logprobs") else None
     return Response(framer.whole("".join(text), finish, usage, logprobs),
                     media_type="application/json")
+
+
+def _raise_if_unavailable(server, model: str) -> None:
+    status = server.model_state.status(model)
+    if status and status["state"] == "unavailable":  # no replica, and none can come
+        raise APIError(503, f"The model '{model}' is unavailable: "
+                       f"{status.get('reason') or 'no allocation can host it'}.",
+                       type_="server_error", code="model_unavailable",
+                       headers={"Retry-After": "60"})
+
+
+async def _first_while_starting(server, model: str, stream, wait_s: float):
+    """The stream's first item, waiting at most ``wait_s``; a model that turns
+    ``unavailable`` meanwhile (its provider refuses, its budget ran out) ends the
+    wait at once with that 503 instead of at the timeout."""
+    first = asyncio.ensure_future(anext(stream))
+    deadline = asyncio.get_running_loop().time() + wait_s
+    try:
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            done, _ = await asyncio.wait({first}, timeout=max(0.0, min(2.0, left)))
+            if done:
+                return first.result()
+            _raise_if_unavailable(server, model)
+            if left <= 2.0:
+                raise asyncio.TimeoutError
+    finally:
+        if not first.done():  # let the generator unwind before it is closed
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
 
 
 async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[GenerateDelta],

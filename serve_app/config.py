@@ -17,9 +17,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from serve_app.access.config import AccessConfig
 from serve_app.engines.base import ENGINE_CLASSES
+from serve_app.workflows import WorkflowSpec
 
 EngineKind = Literal["zmq", "vllm", "triton"]
 
@@ -91,6 +93,9 @@ class ModelConfig(_Strict):
 
 class AppConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
+    workflows: list[WorkflowSpec] = Field(default_factory=list, description=(
+        "model names served by several calls of the models above, e.g. a tribunal "
+        "(docs/workflows.md); they run in the routed ingress"))
     api_keys: list[str] = Field(default_factory=list,
                                 description="accepted bearer tokens; empty: no auth")
     api_keys_file: str | None = Field(default=None, description="one key per line")
@@ -116,6 +121,42 @@ class AppConfig(_Strict):
         if dupes:
             raise ValueError(f"model names must be unique, repeated: {dupes}")
         return self
+
+    @field_validator("workflows")
+    @classmethod
+    def _workflows_call_models(cls, value: list, info: ValidationInfo) -> list:
+        """Each workflow has a name of its own and calls models of this app, never
+        another workflow (so there are no cycles to look for)."""
+        if "models" not in info.data:
+            return value  # the models' own errors are reported
+        models = [m.name for m in info.data["models"]]
+        workflows = [w.name for w in value]
+        problems: list[InitErrorDetails] = []
+
+        def problem(loc: tuple, message: str, given: object) -> None:
+            error = PydanticCustomError("workflow", "{message}", {"message": message})
+            problems.append(InitErrorDetails(type=error, loc=loc, input=given))
+
+        for i, workflow in enumerate(value):
+            if workflow.name in models:
+                problem((i, "name"), f"'{workflow.name}' is also a model's name; a "
+                        "workflow needs a name of its own", workflow.name)
+            elif workflows.index(workflow.name) != i:
+                problem((i, "name"), f"workflow names must be unique, '{workflow.name}' "
+                        "is repeated", workflow.name)
+            for loc, model in workflow.model_fields_used():
+                if model in models:
+                    continue
+                if model in workflows:
+                    problem((i, *loc), f"'{model}' is a workflow; a workflow calls models "
+                            "only, not other workflows", model)
+                else:
+                    problem((i, *loc), f"unknown model '{model}'; the models are "
+                            f"{models}", model)
+        if problems:
+            # expanded field by field into the config error (describe_validation_error)
+            raise ValidationError.from_exception_data("workflows", problems)
+        return value
 
     @model_validator(mode="after")
     def _store_for_managed_keys(self) -> "AppConfig":
@@ -150,6 +191,15 @@ class AppConfig(_Strict):
                 "'routed' or 'auto'")
         return value
 
+    @field_validator("ingress")
+    @classmethod
+    def _routed_for_workflows(cls, value: str, info: ValidationInfo) -> str:
+        if value == "direct" and info.data.get("workflows"):
+            raise ValueError("'direct' cannot run workflows: they run in the routed "
+                             "ingress, next to every model's engine; use 'routed' or "
+                             "'auto'")
+        return value
+
     @property
     def ingress_mode(self) -> Literal["routed", "direct"]:
         """What ``auto`` stands for: ``direct`` while one always-on model is served.
@@ -160,11 +210,13 @@ class AppConfig(_Strict):
         when it needs it: several models, a model that may scale to zero (with no
         replica, only the head's ingress can answer ``/v1/models`` with the model's
         state and bound a cold request's wait by ``cold_start_timeout_s``; an explicit
-        ``direct`` is refused for it), or ``ingress: routed`` for retries on another
-        replica (mid-stream failover).
+        ``direct`` is refused for it), workflows (they call several models), or
+        ``ingress: routed`` for retries on another replica (mid-stream failover).
         """
         if self.ingress != "auto":
             return self.ingress
+        if self.workflows:
+            return "routed"
         return "direct" if len(self.models) == 1 and not _may_go_cold(self.models) \
             else "routed"
 

@@ -1,8 +1,10 @@
 """The routed ingress: one replica on the head in front of the engine deployments.
 
-Used when a config serves several models, or when streams must survive an engine
-replica dying: the ingress retries on another replica, continuing from the text
-already sent.  The HTTP surface itself is ``serve_app.api``.
+Used when a config serves several models or workflows, or when streams must survive
+an engine replica dying: the ingress retries on another replica, continuing from the
+text already sent.  A workflow's name runs the workflow here, next to the engine
+handles its steps call (``serve_app.workflows``).  The HTTP surface itself is
+``serve_app.api``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.errors import APIError, as_engine_error
 from serve_app.api.server import OpenAIServer, openai_deployment
 from serve_app.protocol import GenerateDelta, GenerateRequest, Usage
+from serve_app.workflows import build_workflow
+from serve_app.workflows.base import UsageSink
 
 log = logging.getLogger("hpcserve.ingress")
 
@@ -27,13 +31,22 @@ class RoutedIngress(OpenAIServer):
                  ledger: DeploymentHandle | None = None):
         super().__init__(config, ledger)
         self.engines = {name: h.options(stream=True) for name, h in engines.items()}
+        self.workflow_runners = {w.name: build_workflow(w, self._engine_stream, self.models)
+                                 for w in self.config.workflows}
 
-    async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
+    def _workflow_stream(self, req: GenerateRequest, on_usage: UsageSink | None = None
+                         ) -> AsyncIterator[list[GenerateDelta]]:
+        return self.workflow_runners[req.model].run(req, on_usage)
+
+    async def _engine_stream(self, req: GenerateRequest, retries: int | None = None
+                             ) -> AsyncIterator[list[GenerateDelta]]:
         """Stream from an engine replica, failing over to another if it dies.
 
         Text already yielded is passed as ``continuation`` so the new replica
         generates only what follows; token budgets and usage are carried over.
+        ``retries``: how many times (None: the app's ``max_retries``).
         """
+        max_retries = self.config.max_retries if retries is None else retries
         handle = self.engines[req.model]
         sent_text, sent_tokens, attempt = "", 0, 0
         budget = req.sampling.max_tokens
@@ -53,7 +66,7 @@ class RoutedIngress(OpenAIServer):
                 engine_error = as_engine_error(exc)
                 if engine_error is not None:
                     raise APIError.from_engine(engine_error) from None
-                if not isinstance(exc, RayError) or attempt >= self.config.max_retries:
+                if not isinstance(exc, RayError) or attempt >= max_retries:
                     raise
                 attempt += 1
                 log.warning("engine call for %s failed (%s); retry %d on another replica",

@@ -137,13 +137,16 @@ def test_a_key_limited_to_one_model_cannot_see_or_use_another(stack):
 
 def test_an_rpm_limit_holds_across_both_replicas(stack):
     key = create_key(stack, "burst", "--project", "physics", "--rpm", "30")
+    started = time.monotonic()
     with ThreadPoolExecutor(60) as pool:
         replies = list(pool.map(lambda _: chat(stack, key, max_tokens=8), range(60)))
+    refilled = (time.monotonic() - started) * 30 / 60  # the bucket refills 0.5 a second
     ok = [r for r in replies if r.status_code == 200]
     limited = [r for r in replies if r.status_code == 429]
-    print(f"rpm 30, burst of 60 over 2 replicas: {len(ok)} served, {len(limited)} limited")
+    print(f"rpm 30, burst of 60 over 2 replicas: {len(ok)} served, {len(limited)} limited "
+          f"(the bucket refilled {refilled:.1f} meanwhile)")
     assert len(ok) + len(limited) == 60
-    assert 20 <= len(ok) <= 31
+    assert 20 <= len(ok) <= 30 + int(refilled) + 1
     for r in limited:
         assert r.json()["error"]["type"] == "rate_limit_error"
         assert int(r.headers["retry-after"]) >= 1

@@ -237,3 +237,24 @@ def test_an_issuer_that_cannot_be_reached_leaves_cached_keys_working(stack, issu
         assert chat(stack, token).status_code == 200
     finally:
         issuer.serve()
+
+
+def test_a_broken_keys_store_leaves_known_keys_working_and_shows_in_status(stack):
+    key = create_key(stack, "survivor", "--project", "physics")
+    db = stack.home / "access.db"
+    aside = db.with_name("access.db.aside")
+    db.rename(aside)  # the store gone (a lost mount, an operator's mistake)
+
+    def reports() -> list[dict]:
+        return json.loads(stack.cli("status", "--json").stdout).get("access") or []
+    try:
+        wait_until(lambda: any(not r["store_ok"] for r in reports()), 60,
+                   "status to show the store failing")
+        for _ in range(4):  # both replicas, and after several key polls of the ledger
+            assert chat(stack, key).status_code == 200
+        failing = [r["store_error"] for r in reports() if not r["store_ok"]]
+        print("status while the store is gone:", failing)
+        assert failing and "access.db" in failing[0]
+    finally:
+        aside.rename(db)
+    wait_until(lambda: all(r["store_ok"] for r in reports()), 60, "the store back")

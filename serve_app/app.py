@@ -18,6 +18,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve_app.access.ledger import Ledger
 from serve_app.config import parse_app_config
 from serve_app.engine_ingress import engine_ingress
 from serve_app.engines.deployment import engine_deployment
@@ -26,13 +27,14 @@ from serve_app.ingress import Ingress
 
 def build_app(args: dict[str, Any]) -> Application:
     config = parse_app_config(args)
-    ledger = None  # the access ledger's handle, where the config has one
+    on_head = {"num_cpus": 0, "resources": dict(config.ingress_resources)}
+    ledger = None
+    if config.ledger_on:  # access.store on the head: keys, limits, usage
+        ledger = Ledger.options(ray_actor_options=on_head).bind(config.access.model_dump())
     if config.ingress_mode == "direct":
         (model,) = config.models
         deployment = engine_ingress(**model.deployment_options())
-        return deployment.bind(config.model_dump(), ledger=ledger)
+        return deployment.bind(config.model_dump(), ledger)
     engines = {model.name: engine_deployment(**model.deployment_options()).bind(
         model.model_dump()) for model in config.models}
-    ingress = Ingress.options(
-        ray_actor_options={"num_cpus": 0, "resources": dict(config.ingress_resources)})
-    return ingress.bind(config.model_dump(), engines, ledger=ledger)
+    return Ingress.options(ray_actor_options=on_head).bind(config.model_dump(), engines, ledger)

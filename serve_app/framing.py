@@ -7,6 +7,10 @@ once per request and only the text is encoded per chunk.  The shapes are those o
 
 ``usage`` on a chunk (vLLM's ``stream_options.continuous_usage_stats``) is the usage
 so far; without it chunks carry no ``usage`` key, as OpenAI's.
+
+``hpcserve`` (``EXTENSION``) is hpcserve's own field: a workflow's trace, on the whole
+response and on the stream's chunk with ``finish_reason``; absent otherwise.  The
+last delta of a stream brings it in ``extras[EXTENSION]``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import orjson
 from serve_app.protocol import EmbedResult, Usage
 
 Kind = Literal["chat", "completion"]
+EXTENSION = "hpcserve"
 DONE = b"data: [DONE]\n\n"
 _SSE_EOL = re.compile(rb"\r\n|\r|\n")
 
@@ -100,11 +105,14 @@ class ResponseFramer:
         return self._event({**base, "object": "text_completion", "choices": [choice]})
 
     def final_chunks(self, finish_reason: str, usage: Usage | None,
-                     include_usage: bool, continuous: bool = False) -> bytes:
-        """The chunk with ``finish_reason`` (with the usage too if ``continuous``), the
-        usage chunk if ``include_usage``, ``[DONE]``."""
+                     include_usage: bool, continuous: bool = False,
+                     extension: dict | None = None) -> bytes:
+        """The chunk with ``finish_reason`` (with the usage too if ``continuous``, and
+        ``extension`` as ``hpcserve``), the usage chunk if ``include_usage``, ``[DONE]``."""
         base = {"id": self.id, "created": self.created, "model": self.model}
         last = {**base, "usage": usage_dict(usage)} if continuous and usage else base
+        if extension:
+            last = {**last, EXTENSION: extension}
         if self.kind == "chat":
             choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
             out = self._event({**last, "object": "chat.completion.chunk", "choices": [choice]})
@@ -121,9 +129,11 @@ class ResponseFramer:
         return self._event(body) + DONE
 
     def whole(self, text: str, finish_reason: str, usage: Usage,
-              logprobs: dict | None = None) -> bytes:
+              logprobs: dict | None = None, extension: dict | None = None) -> bytes:
         base = {"id": self.id, "created": self.created, "model": self.model,
                 "usage": usage_dict(usage)}
+        if extension:
+            base[EXTENSION] = extension
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": logprobs, "finish_reason": finish_reason}

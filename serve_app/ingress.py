@@ -1,8 +1,10 @@
 """The routed ingress: one replica on the head in front of the engine deployments.
 
-Used when a config serves several models, or when streams must survive an engine
-replica dying: the ingress retries on another replica, continuing from the text
-already sent (an embedding request is simply sent again).  The engines are
+Used when a config serves several models or workflows, or when streams must survive
+an engine replica dying: the ingress retries on another replica, continuing from the
+text already sent (an embedding request is simply sent again).  A workflow's name
+runs the workflow here, next to the engine handles its steps call
+(``serve_app.workflows``).  The engines are
 ``serve_app.engines.deployment.EngineDeployment`` deployments; the HTTP surface
 itself is ``serve_app.api``.
 """
@@ -25,6 +27,8 @@ from serve_app.protocol import (
     GenerateRequest,
     Usage,
 )
+from serve_app.workflows import build_workflow
+from serve_app.workflows.base import UsageSink
 
 log = logging.getLogger("hpcserve.ingress")
 
@@ -33,10 +37,16 @@ class RoutedIngress(OpenAIServer):
     COLD_START_WAIT = True  # the engine deployment may be scaled to zero
 
     def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle],
-                 ledger: Any = None):
+                 ledger: DeploymentHandle | None = None):
         super().__init__(config, ledger)
         self.handles = engines
         self.engines = {name: h.options(stream=True) for name, h in engines.items()}
+        self.workflow_runners = {w.name: build_workflow(w, self._engine_stream, self.models)
+                                 for w in self.config.workflows}
+
+    def _workflow_stream(self, req: GenerateRequest, on_usage: UsageSink | None = None
+                         ) -> AsyncIterator[list[GenerateDelta]]:
+        return self.workflow_runners[req.model].run(req, on_usage)
 
     async def _embed(self, req: EmbedRequest) -> EmbedResult:
         """Embed on an engine replica; a replica that died is retried on another."""
@@ -45,10 +55,12 @@ class RoutedIngress(OpenAIServer):
             try:
                 return await self.handles[req.model].embed.remote(req)
             except Exception as exc:
-                self._retry_or_raise(exc, attempt, req.request_id)
+                self._retry_or_raise(exc, attempt, self.config.max_retries, req.request_id)
                 attempt += 1
 
-    def _retry_or_raise(self, exc: Exception, attempt: int, request_id: str) -> None:
+    @staticmethod
+    def _retry_or_raise(exc: Exception, attempt: int, max_retries: int,
+                        request_id: str) -> None:
         """Returns when the failed engine call may be retried; raises otherwise
         (an engine's 4xx as the ``APIError`` the client gets)."""
         if isinstance(exc, asyncio.CancelledError):
@@ -56,17 +68,20 @@ class RoutedIngress(OpenAIServer):
         engine_error = as_engine_error(exc)
         if engine_error is not None:
             raise APIError.from_engine(engine_error) from None
-        if not isinstance(exc, RayError) or attempt >= self.config.max_retries:
+        if not isinstance(exc, RayError) or attempt >= max_retries:
             raise exc
         log.warning("engine call for %s failed (%s); retry %d on another replica",
                     request_id, type(exc).__name__, attempt + 1)
 
-    async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
+    async def _engine_stream(self, req: GenerateRequest, retries: int | None = None
+                             ) -> AsyncIterator[list[GenerateDelta]]:
         """Stream from an engine replica, failing over to another if it dies.
 
         Text already yielded is passed as ``continuation`` so the new replica
         generates only what follows; token budgets and usage are carried over.
+        ``retries``: how many times (None: the app's ``max_retries``).
         """
+        max_retries = self.config.max_retries if retries is None else retries
         handle = self.engines[req.model]
         sent_text, sent_tokens, attempt = "", 0, 0
         budget = req.sampling.max_tokens
@@ -83,7 +98,7 @@ class RoutedIngress(OpenAIServer):
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:
-                self._retry_or_raise(exc, attempt, req.request_id)
+                self._retry_or_raise(exc, attempt, max_retries, req.request_id)
                 attempt += 1
                 sampling = req.sampling.model_copy(update={
                     "max_tokens": None if budget is None else max(1, budget - sent_tokens)})

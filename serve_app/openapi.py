@@ -31,7 +31,8 @@ ERRORS = {
     413: "The request body is larger than the server accepts.",
     415: "The body is not `application/json`.",
     429: "Too many requests.",
-    503: "No engine replica could serve the request (`code: engine_unavailable`).",
+    503: "No engine replica could serve the request (`code: engine_unavailable`), or a "
+         "workflow step it needs failed (`code: workflow_step_failed`, naming the step).",
 }
 _SSE = ("Server-sent events: one `data: <{chunk} JSON>` event per piece of text, a last "
         "chunk with `finish_reason`, the usage chunk (`choices: []`) when "

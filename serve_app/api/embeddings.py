@@ -22,10 +22,11 @@ from serve_app.protocol import EmbedRequest, Usage
 
 async def _handle(server, ctx) -> Response:
     body: EmbeddingRequest = ctx.body
-    cfg = server.models[body.model]
-    if cfg.task != "embed":
-        raise APIError(400, f"The model '{body.model}' does not serve embeddings (task "
-                       f"'{cfg.task}': chat and completions). Models with task 'embed': "
+    cfg = server.models.get(body.model)  # None: a workflow's name
+    if cfg is None or cfg.task != "embed":
+        what = "a workflow" if cfg is None else f"task '{cfg.task}': chat and completions"
+        raise APIError(400, f"The model '{body.model}' does not serve embeddings ({what}). "
+                       f"Models with task 'embed': "
                        f"{sorted(m.name for m in server.config.models if m.task == 'embed')}.",
                        param="model", code="unsupported_model")
     for name in body.extra_fields():
@@ -35,7 +36,8 @@ async def _handle(server, ctx) -> Response:
     request = EmbedRequest(request_id=ctx.request_id, model=body.model, inputs=body.inputs(),
                            dimensions=body.dimensions)
     check_available(server, body.model)
-    result = await first_answer(server, body.model, server._embed(request))
+    result = await first_answer(server, body.model, server._embed(request),
+                                cfg.cold_start_timeout_s)
     ctx.usage = Usage(result.prompt_tokens, 0)
     return Response(embedding_list(body.model, result, body.encoding_format),
                     media_type="application/json")

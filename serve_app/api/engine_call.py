@@ -3,9 +3,9 @@
 The server may have no engine replica for a model yet (routed: a model scaled to
 zero, its batch job on the way), so the first answer -- a stream's first chunk, an
 embedding -- is awaited at most ``cold_start_timeout_s`` (503 ``model_starting``);
-a model the control loop marks unavailable is a 503 at once; an engine failure
-before anything was sent is a 503 ``engine_unavailable``.  Errors the client caused
-(``APIError``) pass through with their 4xx.
+a model the control loop marks unavailable is a 503 at once, also while waiting;
+an engine failure before anything was sent is a 503 ``engine_unavailable``.  Errors
+the client caused (``APIError``) pass through with their 4xx.
 """
 
 from __future__ import annotations
@@ -25,27 +25,29 @@ T = TypeVar("T")
 def check_available(server: Any, model: str) -> None:
     """503 for a model with no replica that none can come to (checked before the
     engine is asked, so nothing is started for it)."""
-    status = server.model_state.status(model)
-    if status and status["state"] == "unavailable":
+    status = server.model_status(model)
+    if status and status["state"] == "unavailable":  # no replica, and none can come
         raise APIError(503, f"The model '{model}' is unavailable: "
                        f"{status.get('reason') or 'no allocation can host it'}.",
                        type_="server_error", code="model_unavailable",
                        headers={"Retry-After": "60"})
 
 
-async def first_answer(server: Any, model: str, call: Awaitable[T],
+async def first_answer(server: Any, model: str, call: Awaitable[T], wait_s: float | None,
                        on_timeout: Callable[[], Awaitable[Any]] | None = None) -> T:
-    """``await call`` within the model's cold start timeout, errors mapped as above.
-
-    An engine replica that serves HTTP itself (``COLD_START_WAIT`` false) is the
-    replica, so it skips the timer task on every request."""
-    wait_s = server.models[model].cold_start_timeout_s
+    """``await call``, errors mapped as above.  Where the engine may have no replica
+    (``COLD_START_WAIT``: the routed ingress) at most ``wait_s``; an engine replica
+    serving HTTP itself is the replica, so it skips the timer on every request, and
+    ``wait_s`` None (a workflow: its steps wait for their own models) waits as long
+    as the call takes."""
     try:
-        return await (asyncio.wait_for(call, wait_s) if server.COLD_START_WAIT else call)
+        if server.COLD_START_WAIT and wait_s:
+            return await _while_starting(server, model, call, wait_s)
+        return await call
     except asyncio.TimeoutError:
         if on_timeout is not None:
             await on_timeout()
-        status = server.model_state.status(model) or {}
+        status = server.model_status(model) or {}
         raise APIError(503, f"The model '{model}' is starting "
                        f"({status.get('state', 'no replica yet')}) and did not answer "
                        f"within cold_start_timeout_s={wait_s:g}; retry later.",
@@ -58,3 +60,24 @@ async def first_answer(server: Any, model: str, call: Awaitable[T],
         raise APIError(503, f"No engine replica for '{model}' could serve the "
                        f"request ({type(exc).__name__}).", type_="server_error",
                        code="engine_unavailable") from None
+
+
+async def _while_starting(server: Any, model: str, call: Awaitable[T], wait_s: float) -> T:
+    """``call``'s result, waiting at most ``wait_s``; a model that turns
+    ``unavailable`` meanwhile (its provider refuses, its budget ran out) ends the
+    wait at once with that 503 instead of at the timeout."""
+    first = asyncio.ensure_future(call)
+    deadline = asyncio.get_running_loop().time() + wait_s
+    try:
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            done, _ = await asyncio.wait({first}, timeout=max(0.0, min(2.0, left)))
+            if done:
+                return first.result()
+            check_available(server, model)
+            if left <= 2.0:
+                raise asyncio.TimeoutError
+    finally:
+        if not first.done():  # let the call unwind (a generator before it is closed)
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)

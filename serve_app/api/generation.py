@@ -4,6 +4,10 @@ engine's delta stream -> SSE chunks or one JSON body.
 Errors the client caused are raised as ``APIError`` before anything is streamed, so
 they keep their 4xx status; once streaming, a failure is an error event.  The
 engine's usage lands in ``ctx.usage`` for the pipeline's account step.
+
+A workflow's name (``serve_app.workflows``) goes the same way: the client's options
+are checked against the engine of its final step's model, and its stream is that
+step's, with the usage of every step and the trace (``hpcserve``) on its last delta.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from serve_app.api.pipeline import RequestContext
 from serve_app.config import ModelConfig
 from serve_app.engines.base import capabilities
 from serve_app.errors import APIError, as_engine_error
-from serve_app.framing import ResponseFramer
+from serve_app.framing import EXTENSION, ResponseFramer
 from serve_app.openai_protocol import IGNORED_FIELDS
 from serve_app.protocol import GenerateDelta, GenerateRequest, SamplingParams, Usage
 
@@ -96,12 +100,20 @@ def max_tokens_of(body) -> int | None:
 
 async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
     body = ctx.body
-    cfg = server.models[body.model]
+    workflow = server.workflows.get(body.model)
+    cfg = server.models[body.model if workflow is None else workflow.final_model()]
     req = to_generate(kind, body, cfg, ctx.request_id)
+    if workflow is not None and body.hpcserve is not None:
+        req.extras[EXTENSION] = body.hpcserve.model_dump()
     framer = ResponseFramer(kind, body.model)
+    # a workflow's steps wait for their own models (each its cold_start_timeout_s)
+    wait_s = cfg.cold_start_timeout_s if workflow is None else None
     check_available(server, body.model)
-    stream = server._engine_stream(req)
-    first = await first_answer(server, body.model, _first(stream), stream.aclose)
+    if workflow is None:
+        stream = server._engine_stream(req)
+    else:  # its steps' tokens count even if the request ends before its final step
+        stream = server._workflow_stream(req, lambda usage: setattr(ctx, "usage", usage))
+    first = await first_answer(server, body.model, _first(stream), wait_s, stream.aclose)
     if body.stream:
         options = body.stream_options
         include_usage = bool(options and options.include_usage)
@@ -110,7 +122,7 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
                                       bool(req.extras.get("logprobs"))),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    text, finish, usage, entries = [], "stop", Usage(), []
+    text, finish, usage, entries, extension = [], "stop", Usage(), [], None
     async for deltas in _prepend(first, stream):
         for delta in deltas:
             text.append(delta.text)
@@ -118,9 +130,10 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
                 entries += delta.extras.get("logprobs") or ()
             if delta.finish_reason:
                 finish, usage = delta.finish_reason, delta.usage or usage
+                extension = delta.extras.get(EXTENSION)
     ctx.usage = usage
     logprobs = framer.logprobs(entries) if req.extras.get("logprobs") else None
-    return Response(framer.whole("".join(text), finish, usage, logprobs),
+    return Response(framer.whole("".join(text), finish, usage, logprobs, extension),
                     media_type="application/json")
 
 
@@ -134,7 +147,7 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
     prompt, completion = _prompt_tokens(first), 0
     ctx.usage = Usage(prompt, 0)
     yield framer.first_chunk(Usage(prompt, 0) if continuous else None)
-    finish, usage, offset = "stop", None, 0
+    finish, usage, offset, extension = "stop", None, 0, None
     try:
         async for deltas in _prepend(first, rest):
             text = "".join(d.text for d in deltas)
@@ -154,12 +167,13 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
             if last is not None and last.finish_reason:
                 finish, usage = last.finish_reason, last.usage or so_far
                 ctx.usage = usage or ctx.usage
+                extension = last.extras.get(EXTENSION)
     except Exception as exc:  # mid-stream: the status is already sent
         err = as_engine_error(exc)
-        api = APIError.from_engine(err) if err else APIError(
-            503, f"The engine failed mid-stream: {type(exc).__name__}",
-            type_="server_error", code="engine_unavailable")
+        api = exc if isinstance(exc, APIError) else APIError.from_engine(err) if err else \
+            APIError(503, f"The engine failed mid-stream: {type(exc).__name__}",
+                     type_="server_error", code="engine_unavailable")
         ctx.status = api.status
         yield framer.error_event(api.body())
         return
-    yield framer.final_chunks(finish, usage, include_usage, continuous)
+    yield framer.final_chunks(finish, usage, include_usage, continuous, extension)

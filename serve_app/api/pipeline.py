@@ -1,7 +1,7 @@
 """The checks every endpoint shares, as an ordered chain of steps around the handler.
 
 A ``Step`` has ``before`` (may refuse the request by raising ``APIError``) and
-``after`` (runs for every step whose ``before`` ran, in reverse order, once the
+``after`` (runs for every step whose ``before`` passed, in reverse order, once the
 response is complete -- for a stream, when its last chunk is sent or the client
 goes away).  The chain is the same in both ingress modes because the server class
 that owns it is the same (``server.OpenAIServer``); steps with nothing to do for a
@@ -103,8 +103,8 @@ class Pipeline:
         entered: list[Step] = []
         try:
             for step in self.steps:
-                entered.append(step)
                 await step.before(ctx)
+                entered.append(step)
             response = await handler(ctx)
         except ValidationError as err:
             self._after(entered, ctx, 400)

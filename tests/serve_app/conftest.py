@@ -29,9 +29,16 @@ import ray
 from ray import serve
 ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], log_to_driver=False,
          namespace="serve")
-handle = serve.get_deployment_handle(sys.argv[3], app_name=sys.argv[4])
+names = sys.argv[3].split(",")
+handles = {n: serve.get_deployment_handle(n, app_name=sys.argv[4]) for n in names}
+def stats_of(handle):
+    try:
+        return handle.stats.remote().result(timeout_s=30)
+    except Exception as err:  # a replica being replaced: say so, keep probing
+        return {"error": repr(err)}
 for _ in sys.stdin:
-    print(json.dumps(handle.stats.remote().result(timeout_s=30)), flush=True)
+    stats = {n: stats_of(h) for n, h in handles.items()}
+    print(json.dumps(stats if len(names) > 1 else stats[names[0]]), flush=True)
 """
 
 
@@ -43,9 +50,11 @@ class EngineStatsProbe:
     join a token-authenticated cluster itself.  The probe is stopped by its PID.
     """
 
-    def __init__(self, head, deployment: str, app: str = "hpcserve"):
+    def __init__(self, head, deployment: str | list[str], app: str = "hpcserve"):
+        """Several deployments: ``stats()`` is ``{deployment: stats}``."""
+        names = deployment if isinstance(deployment, str) else ",".join(deployment)
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _PROBE, head.gcs_address, head.node_ip, deployment, app],
+            [sys.executable, "-c", _PROBE, head.gcs_address, head.node_ip, names, app],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True, env=head.process_env())
 

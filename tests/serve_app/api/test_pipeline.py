@@ -1,0 +1,86 @@
+"""The request pipeline's contract: steps run in order, a refusal stops the chain,
+and every step that passed gets its ``after`` in reverse order once the response is
+complete -- for a stream, only when the stream ends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from serve_app.api.endpoint import Endpoint
+from serve_app.api.pipeline import Pipeline, RequestContext
+from serve_app.errors import APIError
+
+
+class Recorder:
+    def __init__(self, name: str, log: list[str], refuse: bool = False):
+        self.name, self.log, self.refuse = name, log, refuse
+
+    async def before(self, ctx: RequestContext) -> None:
+        self.log.append(f"{self.name}.before")
+        if self.refuse:
+            raise APIError(429, "no", headers={"Retry-After": "1"})
+        ctx.response_headers[f"x-{self.name}"] = "1"
+
+    def after(self, ctx: RequestContext) -> None:
+        self.log.append(f"{self.name}.after:{ctx.status}")
+
+
+def context() -> RequestContext:
+    request = Request({"type": "http", "method": "GET", "path": "/", "headers": []})
+    return RequestContext(request, Endpoint("t", "/", "GET", handle=None))
+
+
+def run(pipeline: Pipeline, handler) -> Response:
+    return asyncio.run(pipeline.run(context(), handler))
+
+
+def test_steps_run_in_order_and_unwind_in_reverse_with_the_status():
+    log: list[str] = []
+    steps = [Recorder("a", log), Recorder("b", log)]
+
+    async def handler(ctx):
+        log.append("handler")
+        return Response(b"{}", status_code=200)
+
+    response = run(Pipeline(steps), handler)
+    assert log == ["a.before", "b.before", "handler", "b.after:200", "a.after:200"]
+    assert response.headers["x-a"] == response.headers["x-b"] == "1"
+
+
+def test_a_refusal_stops_the_chain_and_only_passed_steps_unwind():
+    log: list[str] = []
+    steps = [Recorder("a", log), Recorder("b", log, refuse=True), Recorder("c", log)]
+
+    async def handler(ctx):  # pragma: no cover - never reached
+        log.append("handler")
+        return Response(b"{}")
+
+    with pytest.raises(APIError) as info:
+        run(Pipeline(steps), handler)
+    assert log == ["a.before", "b.before", "a.after:429"]
+    assert info.value.headers == {"x-a": "1", "Retry-After": "1"}  # headers of passed steps
+
+
+def test_a_stream_unwinds_only_when_its_last_chunk_is_sent():
+    log: list[str] = []
+
+    async def body():
+        for part in (b"1", b"2"):
+            log.append(f"chunk {part.decode()}")
+            yield part
+
+    async def handler(ctx):
+        return StreamingResponse(body())
+
+    async def consume():
+        response = await Pipeline([Recorder("a", log)]).run(context(), handler)
+        assert log == ["a.before"]
+        async for _ in response.body_iterator:
+            pass
+
+    asyncio.run(consume())
+    assert log == ["a.before", "chunk 1", "chunk 2", "a.after:200"]

@@ -138,3 +138,13 @@ def test_alternating_replicas_are_not_refused_while_the_bucket_has_room():
         used += 60
         svc.sync_all()
     assert 400 - 2 * 66 <= used <= 400
+
+
+def test_an_embeddings_request_is_admitted_on_its_inputs_alone():
+    from serve_app.access.steps import estimate_tokens
+    from serve_app.openai_protocol import EmbeddingRequest
+
+    texts = EmbeddingRequest.model_validate({"model": "e", "input": ["a" * 40, "b" * 8]})
+    assert estimate_tokens(texts, max_model_len=256) == 11 + 3  # nothing to generate
+    ids = EmbeddingRequest.model_validate({"model": "e", "input": [[1, 2, 3], [4]]})
+    assert estimate_tokens(ids, max_model_len=256) == 4

@@ -130,8 +130,9 @@ def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progres
                 models.append(m["name"])
         if models:
             with _first_request_key(app) as headers:
+                prefix = (app.get("route_prefix") or "/").rstrip("/")
                 for model in models:
-                    _first_request(head, model, headers, progress)
+                    _first_request(f"{head.http_url}{prefix}", model, headers, progress)
     progress(f"ready: first token served {time.monotonic() - t0:.1f}s after start; "
              f"OpenAI endpoint {head.http_url}/v1")
 
@@ -141,13 +142,13 @@ def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progres
 UP_KEY, UP_PROJECT = "_hpcserve-up", "_hpcserve"
 
 
-def _first_request(head: HeadInfo, model: str, headers: dict[str, str] | None,
+def _first_request(base_url: str, model: str, headers: dict[str, str] | None,
                    progress) -> None:
     """One token from ``model``.  ``headers`` None: the app takes OIDC tokens only, and
     its 401 shows that it answers."""
     deadline = time.monotonic() + 15  # a new managed key reaches the replicas within 5 s
     while True:
-        r = httpx.post(f"{head.http_url}/v1/completions", timeout=120,
+        r = httpx.post(f"{base_url}/v1/completions", timeout=120,
                        json={"model": model, "prompt": "hello", "max_tokens": 1},
                        headers=headers or {})
         if headers is None and r.status_code == 401:

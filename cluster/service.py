@@ -131,8 +131,9 @@ def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progres
                 models.append((m["name"], m.get("task", "generate")))
         if models:
             with _first_request_key(app) as headers:
+                prefix = (app.get("route_prefix") or "/").rstrip("/")
                 for model, task in models:
-                    _first_request(head, model, headers, progress, task)
+                    _first_request(f"{head.http_url}{prefix}", model, headers, progress, task)
                     tasks.add(task)
     first = "embedding" if tasks == {"embed"} else "token"
     progress(f"ready: first {first} served {time.monotonic() - t0:.1f}s after start; "
@@ -144,7 +145,7 @@ def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progres
 UP_KEY, UP_PROJECT = "_hpcserve-up", "_hpcserve"
 
 
-def _first_request(head: HeadInfo, model: str, headers: dict[str, str] | None,
+def _first_request(base_url: str, model: str, headers: dict[str, str] | None,
                    progress, task: str = "generate") -> None:
     """One token (an embedding, for ``task: embed``) from ``model``.  ``headers``
     None: the app takes OIDC tokens only, and its 401 shows that it answers."""
@@ -154,7 +155,7 @@ def _first_request(head: HeadInfo, model: str, headers: dict[str, str] | None,
         path, body = "completions", {"model": model, "prompt": "hello", "max_tokens": 1}
     deadline = time.monotonic() + 15  # a new managed key reaches the replicas within 5 s
     while True:
-        r = httpx.post(f"{head.http_url}/v1/{path}", timeout=120, json=body,
+        r = httpx.post(f"{base_url}/v1/{path}", timeout=120, json=body,
                        headers=headers or {})
         if headers is None and r.status_code == 401:
             progress(f"  {model}: answers (401: it takes OIDC tokens only, and `up` has none)")

@@ -1,4 +1,4 @@
-"""The `hpcserve` command: up, down, status, deploy, bench, build-model."""
+"""The `hpcserve` command: up, down, status, deploy, keys, usage, bench, build-model."""
 
 from __future__ import annotations
 
@@ -60,17 +60,18 @@ def _cmd_control(args) -> int:
 
 
 def _cmd_deploy(args) -> int:
-    from cluster.config import ingress_mode_changes, load_config
+    from cluster.config import access_store_of, ingress_mode_changes, load_config
     from cluster.head import HeadInfo, deploy_serve, serve_status
     from cluster.service import home_dir, run_dir_of
+    home = home_dir(args.home)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, access_store=access_store_of(home))
     except ConfigError as err:
         print(f"hpcserve: {err}", file=sys.stderr)
         return 2
     from cluster.batches import set_batch_paths
-    set_batch_paths(config, home_dir(args.home))
-    head = HeadInfo.load(run_dir_of(home_dir(args.home)))
+    set_batch_paths(config, home)
+    head = HeadInfo.load(run_dir_of(home))
     for change in ingress_mode_changes(serve_status(head), config.serve):
         print(f"hpcserve: note: {change}", file=sys.stderr)
     deploy_serve(head, config.serve)
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-model", help="build the tiny local model")
     p.add_argument("--cache-dir")
     p.set_defaults(func=_cmd_build_model)
+    from cluster.access_cli import add_parsers as add_access
+    add_access(sub, with_home)
     from cluster.batches import add_parser as add_batches
     add_batches(sub, with_home)
     from cluster.bench.cli import add_parser as add_bench

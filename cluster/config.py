@@ -113,8 +113,9 @@ class PoolConfig(_Strict):
 class ClusterConfig(_Strict):
     head: HeadConfig = Field(default_factory=HeadConfig)
     allow_unauthenticated: bool = Field(default=False, description=(
-        "serve beyond loopback with no API keys (`up` warns); without it a non-loopback "
-        "http_options.host needs api_keys or api_keys_file in every app's args"))
+        "serve beyond loopback with no credentials (`up` warns); without it a non-loopback "
+        "http_options.host needs api_keys, api_keys_file, access.managed_keys or "
+        "access.oidc in every app's args"))
     pools: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig(name="local")])
     control_interval_s: float = Field(default=1.0, gt=0, description="control loop period "
                                       "while any allocation starts, drains or nears rotation")
@@ -145,7 +146,7 @@ def is_loopback(host: str) -> bool:
 class HpcserveConfig:
     """The parsed file: ``cluster`` (validated) and ``serve`` (Serve's config dict).
 
-    Safe by default: with no API keys, everything Serve opens binds loopback and a
+    Safe by default: with no credentials, everything Serve opens binds loopback and a
     non-loopback ``http_options.host`` is refused (``load_config``), unless the
     operator sets ``hpcserve.allow_unauthenticated``.
     """
@@ -176,7 +177,7 @@ class HpcserveConfig:
         if self.cluster.allow_unauthenticated and not self.authenticated:
             return [f"allow_unauthenticated: the API on {self.http_host}:{self.http_port} "
                     "and Serve's replica ports on every interface answer anyone who can "
-                    "reach them, with no API key"]
+                    "reach them, with no API key or token"]
         return []
 
 
@@ -184,8 +185,24 @@ def default_config_text() -> str:
     return resources.files("serve_app").joinpath("default_config.yaml").read_text()
 
 
-def load_config(path: str | Path | None = None) -> HpcserveConfig:
-    """Parse and validate a config file (the embedded default when ``path`` is None)."""
+def access_store_of(home: Path) -> Path:
+    """The head's access database (managed keys, usage ledger) of the service at ``home``."""
+    return home / "access.db"
+
+
+def load_run_config(run_dir: Path) -> HpcserveConfig:
+    """The config ``up`` recorded in ``run_dir`` (``<home>/run``), as ``up`` deployed it."""
+    return load_config(run_dir / "config.yaml", access_store=access_store_of(run_dir.parent))
+
+
+def load_config(path: str | Path | None = None,
+                access_store: str | Path | None = None) -> HpcserveConfig:
+    """Parse and validate a config file (the embedded default when ``path`` is None).
+
+    ``access_store``: set as ``access.store`` in the args of every app that takes
+    credentials and names no store of its own (``up`` and ``deploy`` give
+    ``<home>/access.db``).
+    """
     source = str(path) if path else "<embedded default>"
     text = Path(path).read_text() if path else default_config_text()
     try:
@@ -211,10 +228,10 @@ def load_config(path: str | Path | None = None) -> HpcserveConfig:
             authenticated = False  # an app of someone else's: we cannot tell
             continue
         try:
-            args = parse_app_config(app.get("args") or {}, prefix=f"applications.{i}.args")
+            args = _parse_args(app, access_store, prefix=f"applications.{i}.args")
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
-        authenticated &= bool(args.api_keys or args.api_keys_file)
+        authenticated &= args.authenticated
         _check_models_fit(cluster, args, f"applications.{i}.args", source)
     http = data.get("http_options") or {}
     if not isinstance(http, dict):
@@ -222,10 +239,25 @@ def load_config(path: str | Path | None = None) -> HpcserveConfig:
     host = str(http.get("host", LOOPBACK))
     if not (is_loopback(host) or authenticated or cluster.allow_unauthenticated):
         raise ConfigError(
-            f"{source}: http_options.host: {host!r} serves beyond this machine, and no API "
-            "key is configured: set applications[].args.api_keys or api_keys_file, or "
-            "hpcserve.allow_unauthenticated: true to serve without keys")
+            f"{source}: http_options.host: {host!r} serves beyond this machine, and no "
+            "credentials are configured: set applications[].args.api_keys, api_keys_file, "
+            "access.managed_keys or access.oidc in every app, or "
+            "hpcserve.allow_unauthenticated: true to serve without them")
     return HpcserveConfig(cluster, data, source, authenticated)
+
+
+def _parse_args(app: dict[str, Any], access_store: str | Path | None, prefix: str):
+    """The app's args validated; with ``access_store`` given where the app takes
+    credentials and has no store, ``app["args"]`` gets ``access.store`` set."""
+    args = app.get("args") or {}
+    access = args.get("access") if isinstance(args, dict) else None
+    if access_store is None or not isinstance(access or {}, dict) or (access or {}).get("store"):
+        return parse_app_config(args, prefix=prefix)
+    with_store = {**args, "access": {**(access or {}), "store": str(access_store)}}
+    parsed = parse_app_config(with_store, prefix=prefix)
+    if parsed.authenticated:
+        app["args"] = with_store
+    return parsed
 
 
 def _check_models_fit(cluster: ClusterConfig, args, prefix: str, source: str) -> None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from cluster import metrics
-from cluster.config import load_config
+from cluster.config import load_run_config
 from cluster.head import HeadInfo
 from cluster.model_state import model_states, publish
 from cluster.policy import demand_by_pool
@@ -43,7 +43,7 @@ def worker_environment(head: HeadInfo) -> dict[str, str]:
 
 
 def build_pools(run_dir: Path, head: HeadInfo, store: StateStore, view: RayView) -> list[Pool]:
-    config = load_config(run_dir / "config.yaml")
+    config = load_run_config(run_dir)
     env = worker_environment(head)
     pools = []
     for pc in config.cluster.pools:
@@ -63,7 +63,8 @@ def _publish_model_state(view: RayView, pools: list[Pool], serve: dict,
               for m in (app.get("args") or {}).get("models") or []]
     states = model_states(models, view.deployments, [p.config for p in pools],
                           store.allocations(live_only=True),
-                          {p.config.name: why for p in pools if (why := p.blocked(now))}, now)
+                          {p.config.name: why for p in pools if (why := p.blocked(now))}, now,
+                          {a: t for p in pools for a, t in p.expected_starts.items()})
     try:
         publish(view, states)
     except Exception as err:  # the GCS restarting: the replicas keep their last copy
@@ -75,7 +76,7 @@ def run(run_dir: Path) -> None:
     store = StateStore(run_dir / "state.db")
     view = RayView(head)
     pools = build_pools(run_dir, head, store, view)
-    config = load_config(run_dir / "config.yaml")
+    config = load_run_config(run_dir)
     cluster = config.cluster
     interval, idle_interval = cluster.control_interval_s, cluster.control_idle_interval_s
     stopping = False

@@ -5,10 +5,12 @@ The control loop computes, per model, one of
 * ``ready``: replicas serve;  ``scaling``: they serve and more are coming;
 * ``starting``: no replica serves yet, a node is joining or the engine loading;
 * ``queued``: no replica serves, and the batch job that would host one waits in the
-  scheduler's queue;
+  scheduler's queue; ``expected_start`` (unix seconds) is the scheduler's estimate of
+  the earliest such job's start, where it gives one (``Provider.expected_start``);
 * ``cold``: zero replicas wanted; the first request starts one;
-* ``unavailable``: replicas are wanted and nothing can host them (the pool's
-  node-hour budget is spent, or the provider keeps refusing), with the reason,
+* ``unavailable``: replicas are wanted and nothing can host them: none is placed on
+  a node, no job is on its way, and the pool cannot add one (its node-hour budget is
+  spent, or the provider refuses submissions), with the reason,
 
 plus replica counts and the least wall-time left among the nodes serving it.  It is
 written to the GCS's key-value store (``internal_kv``, namespace ``hpcserve``) once
@@ -25,7 +27,7 @@ from typing import Any
 
 from cluster.config import PoolConfig
 from cluster.policy import host_pool, replica_bundle
-from cluster.state import QUEUED, Allocation
+from cluster.state import QUEUED, STARTING, Allocation
 
 KV_NAMESPACE = b"hpcserve"
 KV_KEY = b"model_state"
@@ -33,11 +35,14 @@ KV_KEY = b"model_state"
 
 def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, dict],
                  pools: Iterable[PoolConfig], allocations: Iterable[Allocation],
-                 blocked: Mapping[str, str], now: float) -> dict[str, dict]:
+                 blocked: Mapping[str, str], now: float,
+                 expected_starts: Mapping[str, float] | None = None) -> dict[str, dict]:
     """``deployments``: Serve's deployment details by name (``engine-<model>``);
-    ``blocked``: pool name -> why it cannot submit (budget spent, provider refusing)."""
+    ``blocked``: pool name -> why it cannot submit (budget spent, provider refusing);
+    ``expected_starts``: allocation id -> the scheduler's expected start of its job."""
     pools = list(pools)
     allocations = list(allocations)
+    expected_starts = expected_starts or {}
     by_node = {a.node_id: a for a in allocations if a.node_id}
     out = {}
     for model in models:
@@ -49,22 +54,29 @@ def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, 
         mine = [a for a in allocations if pool is not None and a.pool == pool.name]
         ends = [by_node[r["node_id"]].end_time for r in running
                 if r.get("node_id") in by_node and by_node[r["node_id"]].end_time]
-        reason = ""
+        extra: dict[str, Any] = {}  # reason, expected_start: only when known
         if running:
             state = "scaling" if target > len(running) else "ready"
         elif target == 0:
             state = "cold"
         elif pool is not None and pool.name in blocked and \
-                not any(a.joined_time for a in mine):
-            state, reason = "unavailable", blocked[pool.name]
+                not any(r.get("node_id") for r in replicas) and \
+                not any(a.phase in (QUEUED, STARTING) for a in mine):
+            # no replica placed, no job on its way, and none can be added: the pool's
+            # serving nodes (other models' perhaps) have no room for one
+            state, extra["reason"] = "unavailable", blocked[pool.name]
         elif not any(a.joined_time for a in mine) and any(a.phase == QUEUED for a in mine):
             state = "queued"
+            starts = [expected_starts[a.id] for a in mine
+                      if a.phase == QUEUED and a.id in expected_starts]
+            if starts:
+                extra["expected_start"] = round(min(starts))
         else:
             state = "starting"  # a node joining or the engine loading
         out[model["name"]] = {
             "state": state, "running_replicas": len(running), "target_replicas": target,
             "walltime_left_s": round(min(ends) - now) if ends else None,
-            **({"reason": reason} if reason else {})}
+            **extra}
     return out
 
 

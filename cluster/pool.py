@@ -7,6 +7,8 @@ drain through Ray (DrainNode with a deadline: Serve starts replacement replicas
 before it stops the old ones), release a drained job early.  Failed, vanished or
 stuck jobs are recorded here; replacing them is the policy's floor rule, paced by a
 backoff.  A provider that errors never stops serving: the tick skips what needs it.
+For a queued job it also asks the scheduler's expected start, at most every
+``EXPECTED_START_EVERY_S`` (a query per job: not every tick).
 
 ``lead_time`` adapts to what was observed (queue wait + start-up + hand-over),
 see ``LeadTime``.  All state lives in ``StateStore``, so a restarted loop resumes.
@@ -15,6 +17,7 @@ see ``LeadTime``.  All state lives in ``StateStore``, so a restarted loop resume
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from typing import Callable
@@ -47,6 +50,8 @@ from cluster.state import (
 )
 
 log = logging.getLogger("hpcserve.pool")
+
+EXPECTED_START_EVERY_S = 10.0  # how often to ask the scheduler about one queued job
 
 # drain(node_id, deadline_s, reason) -> (accepted, message); RayView.drain in production.
 Drainer = Callable[[str, float, str], tuple[bool, str]]
@@ -104,9 +109,13 @@ class Pool:
         self.failures = 0
         self.next_submit_after = 0.0
         self.demand_nodes = 0  # set by the control loop from Ray's unmet demand
+        self.expected_starts: dict[str, float] = {}  # queued allocation -> scheduler's estimate
+        self._expected_asked: dict[str, float] = {}  # queued allocation -> when last asked
         self._demand_seen = 0
         self._refused_seen: list[str] = []
         self._last_failure = ""
+        self._failed_at = 0.0
+        self._refusal = ""  # the provider's last refusal of a submit; "" once one succeeds
 
     # ---- bookkeeping --------------------------------------------------------
     def live(self) -> list[Allocation]:
@@ -117,15 +126,22 @@ class Pool:
         self.store.event(self.config.name, a.id if a else "", message)
 
     def blocked(self, now: float) -> str:
-        """Why this pool cannot add a node now ("" when it can)."""
+        """Why this pool cannot add a node now ("" when it can).  A refused submit
+        blocks until a submit succeeds, also between its backoff's end and the retry
+        (no 'starting' flicker in the model state); a failed job only while its
+        backoff lasts."""
         if self._refused_seen:
             return self._refused_seen[0]
-        if self.failures and now < self.next_submit_after:
-            return f"{self._last_failure}; next try in {self.next_submit_after - now:.0f} s"
+        wait = (f"next try in {self.next_submit_after - now:.0f} s"
+                if now < self.next_submit_after else "trying again")
+        if self._refusal:
+            return f"{self._refusal}; {wait}"
+        if self._last_failure and now < self.next_submit_after:
+            return f"{self._last_failure}; {wait}"
         return ""
 
     def _backoff(self, now: float, why: str) -> None:
-        self._last_failure = why
+        self._last_failure, self._failed_at = why, now
         self.failures += 1
         delay = min(300.0, 2.0 * 2 ** min(self.failures, 8))
         self.next_submit_after = now + delay
@@ -150,6 +166,7 @@ class Pool:
         live = self.live()
         self._refresh_jobs(live, now)
         live = self.live()
+        self._refresh_expected_starts(live, now)
         node_states = None
         if nodes is not None:
             node_states = self._match_nodes(live, nodes, now)
@@ -226,6 +243,27 @@ class Pool:
                 continue
             self.store.save(a)
 
+    def _refresh_expected_starts(self, live: list[Allocation], now: float) -> None:
+        """Ask the scheduler when each queued job should start, at most every
+        ``EXPECTED_START_EVERY_S`` per job (a query per job, so not every tick)."""
+        queued = {a.id: a.job_id for a in live if a.phase == QUEUED}
+        for gone in set(self._expected_asked) - set(queued):
+            self._expected_asked.pop(gone)
+            self.expected_starts.pop(gone, None)
+        for alloc_id, job_id in queued.items():
+            if now - self._expected_asked.get(alloc_id, -math.inf) < EXPECTED_START_EVERY_S:
+                continue
+            self._expected_asked[alloc_id] = now
+            try:
+                when = self.provider.expected_start(job_id)
+            except ProviderError as err:
+                log.debug("[%s] expected start of %s unknown: %s", self.config.name, job_id, err)
+                continue
+            if when is None:
+                self.expected_starts.pop(alloc_id, None)
+            else:
+                self.expected_starts[alloc_id] = when
+
     def _match_nodes(self, live: list[Allocation], nodes: list[NodeView],
                      now: float) -> dict[str, NodeState]:
         by_alloc = {n.allocation: n for n in nodes if n.alive}
@@ -247,7 +285,7 @@ class Pool:
                 pred = next((p for p in live if p.id == a.predecessor), None)
                 if pred is not None and pred.drain_time:
                     self.store.observe(self.config.name, "handover_s", now - pred.drain_time)
-            if node.replicas:
+            if node.replicas or node.busy:
                 a.idle_since = 0.0
             elif not a.idle_since:
                 a.idle_since = now
@@ -258,10 +296,12 @@ class Pool:
     def _apply(self, plan: Plan, by_id: dict[str, Allocation], nodes: list[NodeView],
                now: float) -> None:
         alive = {n.allocation: n for n in nodes if n.alive}
+        refused = False
         for action in plan.actions:
             if isinstance(action, Submit):
-                if self._submit(by_id.get(action.predecessor), action.reason, now) is None:
-                    break  # the provider refused: the backoff paces the rest
+                if not refused:  # after a refusal the backoff paces the rest; drains go on
+                    refused = self._submit(by_id.get(action.predecessor), action.reason,
+                                           now) is None
             elif isinstance(action, Drain):
                 self._drain(by_id[action.allocation], alive.get(action.allocation), now,
                             action.reason)
@@ -271,9 +311,12 @@ class Pool:
                     self.store.observe(self.config.name, "release_s", now - a.drain_time)
                 self._cancel(a)
                 self._finish(a, RETIRED, now, action.reason)
-        if self.failures and any(a.phase == SERVING for a in by_id.values()) and \
-                len(self.live()) >= self.config.min_allocations:
-            self.failures = 0  # healthy again: reset the backoff
+        # healthy again -- a job submitted since the last failure serves: reset the
+        # backoff.  (Serving jobs from before a failure prove nothing: a provider that
+        # refuses while older jobs serve must still back off further each time.)
+        if self.failures and any(a.phase == SERVING and a.submit_time > self._failed_at
+                                 for a in by_id.values()):
+            self.failures = 0
 
     def _submit(self, predecessor: Allocation | None, reason: str,
                 now: float) -> Allocation | None:
@@ -281,9 +324,13 @@ class Pool:
         spec = WorkerSpec(**{**self.template.__dict__, "allocation_id": alloc_id})
         try:
             job_id = self.provider.submit(spec)
-        except ProviderError as err:
-            self._backoff(now, f"submit failed: {err}")
+        except Exception as err:  # refused, unreachable, or a provider's bug: back off
+            if not isinstance(err, ProviderError):
+                log.exception("[%s] submit raised", self.config.name)
+            self._refusal = f"submit failed: {err}"
+            self._backoff(now, self._refusal)
             return None
+        self._refusal = ""  # a job is on its way
         a = Allocation(id=alloc_id, pool=self.config.name, provider=self.provider.name,
                        job_id=job_id, submit_time=now,
                        predecessor=predecessor.id if predecessor else "")

@@ -26,6 +26,9 @@ class NodeView:
     draining: bool
     labels: dict[str, str]
     replicas: list[dict] = field(default_factory=list)  # Serve replicas on this node
+    # resources held by an actor or task: also a replica Ray placed here whose worker
+    # has not started yet (Serve lists its node only once it has: >10 s on a busy box)
+    busy: bool = False
 
     @property
     def allocation(self) -> str | None:
@@ -44,6 +47,7 @@ class RayView:
         # parsed), which was most of the idle control loop's CPU (0.73 -> 0.10 % of a core).
         self._http = httpx.Client(timeout=10)
         self.deployments: dict[str, dict] = {}  # Serve's deployment details, last nodes()
+        self._resource_state = None  # GetClusterResourceState of the last nodes()
 
     def _client(self):
         if self._gcs is None:
@@ -53,10 +57,14 @@ class RayView:
 
     def nodes(self) -> list[NodeView]:
         """All worker nodes (the head excluded) with their Serve replicas."""
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
         from ray.core.generated import gcs_pb2
 
         infos = self._client().get_all_node_info(timeout=5)
         replicas = self._replicas_by_node()
+        self._resource_state = get_cluster_resource_state(self._client())
+        busy = {ns.node_id.hex() for ns in self._resource_state.node_states
+                if resources_in_use(ns.total_resources, ns.available_resources)}
         out = []
         for node_id, info in infos.items():
             labels = dict(info.labels)
@@ -68,7 +76,7 @@ class RayView:
                 alive=info.state == gcs_pb2.GcsNodeInfo.ALIVE,
                 draining=bool(getattr(info, "state_snapshot", None)
                               and info.state_snapshot.state == info.state_snapshot.DRAINING),
-                labels=labels, replicas=replicas.get(hex_id, [])))
+                labels=labels, replicas=replicas.get(hex_id, []), busy=hex_id in busy))
         return out
 
     def _replicas_by_node(self) -> dict[str, list[dict]]:
@@ -99,11 +107,14 @@ class RayView:
         returns them aggregated by shape: seen on Ray 2.60 as ``{hpc_slot: 1} x 1``
         for a second replica of a one-slot pool.  Serve's deployment status says less:
         a STARTING replica may be waiting for a node or loading its engine, and it
-        does not say what resources it needs.
+        does not say what resources it needs.  Read by the last ``nodes()`` (one GCS
+        call per tick), else now.
         """
         from ray.autoscaler.v2.sdk import get_cluster_resource_state
 
-        state = get_cluster_resource_state(self._client())
+        state, self._resource_state = self._resource_state, None
+        if state is None:
+            state = get_cluster_resource_state(self._client())
         return [(dict(r.request.resources_bundle), int(r.count))
                 for r in state.pending_resource_requests]
 
@@ -116,3 +127,10 @@ class RayView:
             node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
             message, deadline_ms)
         return bool(accepted), why or ""
+
+
+def resources_in_use(total: dict[str, float], available: dict[str, float]) -> bool:
+    """Whether an actor or task holds any of a node's resources (memory, object
+    store and the node's own ``node:`` resources do not count)."""
+    return any(amount - available.get(key, 0.0) > 1e-6 for key, amount in total.items()
+               if key not in ("memory", "object_store_memory") and not key.startswith("node:"))

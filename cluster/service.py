@@ -9,6 +9,7 @@ process group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,14 @@ import httpx
 import yaml
 
 from cluster.batches import set_batch_paths
-from cluster.config import HpcserveConfig, default_config_text, load_config
+from cluster.config import (
+    APP_IMPORT_PATH,
+    HpcserveConfig,
+    access_store_of,
+    default_config_text,
+    load_config,
+    load_run_config,
+)
 from cluster.head import HeadInfo, deploy_serve, serve_status, start_head
 from cluster.providers import make_provider
 from cluster.state import StateStore
@@ -50,7 +58,9 @@ def _prebuild_models(config: HpcserveConfig) -> None:
 
 def up(config_path: str | None, home: Path, wait: bool = True, timeout_s: float = 600,
        progress=print) -> HeadInfo:
-    config = load_config(config_path)  # raises ConfigError naming the field
+    # Raises ConfigError naming the field.  Apps taking credentials get the head's
+    # access database (managed keys, usage ledger) as access.store.
+    config = load_config(config_path, access_store=access_store_of(home))
     set_batch_paths(config, home)  # batch.files_dir and batch.store under the home
     run_dir = run_dir_of(home)
     if (run_dir / "head.json").exists() and pid_alive(HeadInfo.load(run_dir).pid):
@@ -113,29 +123,79 @@ def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progres
         time.sleep(1)
     else:
         raise TimeoutError(f"not ready after {timeout_s}s; see hpcserve status and logs")
-    models = []
+    tasks: set[str] = set()
     for app in config.serve["applications"]:
+        models = []
         for m in (app.get("args") or {}).get("models", []):
             if ((m.get("autoscaling") or {}).get("min_replicas", 1)) == 0:
                 progress(f"  {m['name']}: may scale to zero; its first request starts it")
             else:
-                models.append(m["name"])
-    for model in models:
-        r = httpx.post(f"{head.http_url}/v1/completions", timeout=120,
-                       json={"model": model, "prompt": "hello", "max_tokens": 1},
-                       headers=_api_key_header(config))
-        if r.status_code != 200:
-            raise RuntimeError(f"model {model} failed its first request: {r.text[:500]}")
-    progress(f"ready: first token served {time.monotonic() - t0:.1f}s after start; "
+                models.append((m["name"], m.get("task", "generate")))
+        if models:
+            with _first_request_key(app) as headers:
+                prefix = (app.get("route_prefix") or "/").rstrip("/")
+                for model, task in models:
+                    _first_request(f"{head.http_url}{prefix}", model, headers, progress, task)
+                    tasks.add(task)
+    first = "embedding" if tasks == {"embed"} else "token"
+    progress(f"ready: first {first} served {time.monotonic() - t0:.1f}s after start; "
              f"OpenAI endpoint {head.http_url}/v1")
 
 
-def _api_key_header(config: HpcserveConfig) -> dict[str, str]:
-    for app in config.serve.get("applications", []):
-        keys = (app.get("args") or {}).get("api_keys") or []
-        if keys:
-            return {"Authorization": f"Bearer {keys[0]}"}
-    return {}
+# The managed key `up` makes for its first requests, then deletes.  `keys create`
+# refuses names starting with "_", so it is never an operator's key.
+UP_KEY, UP_PROJECT = "_hpcserve-up", "_hpcserve"
+
+
+def _first_request(base_url: str, model: str, headers: dict[str, str] | None,
+                   progress, task: str = "generate") -> None:
+    """One token (an embedding, for ``task: embed``) from ``model``.  ``headers``
+    None: the app takes OIDC tokens only, and its 401 shows that it answers."""
+    if task == "embed":
+        path, body = "embeddings", {"model": model, "input": "hello"}
+    else:
+        path, body = "completions", {"model": model, "prompt": "hello", "max_tokens": 1}
+    deadline = time.monotonic() + 15  # a new managed key reaches the replicas within 5 s
+    while True:
+        r = httpx.post(f"{base_url}/v1/{path}", timeout=120, json=body,
+                       headers=headers or {})
+        if headers is None and r.status_code == 401:
+            progress(f"  {model}: answers (401: it takes OIDC tokens only, and `up` has none)")
+            return
+        if r.status_code != 401 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if r.status_code != 200:
+        raise RuntimeError(f"model {model} failed its first request: {r.text[:500]}")
+
+
+@contextlib.contextmanager
+def _first_request_key(app: dict):
+    """Headers for ``up``'s first requests to an app: none where it takes no
+    credentials, its first static key, else a managed key made for them (deleted
+    after; it expires in 10 min should ``up`` be killed), else None (OIDC only)."""
+    from serve_app.access import store as access_store
+    from serve_app.config import parse_app_config
+    if app.get("import_path") != APP_IMPORT_PATH:
+        yield {}
+        return
+    args = parse_app_config(app.get("args") or {})
+    static = args.load_api_keys() if (args.api_keys or args.api_keys_file) else []
+    if not args.authenticated or static:
+        yield {"Authorization": f"Bearer {static[0]}"} if static else {}
+        return
+    if not args.access.managed_keys:
+        yield None
+        return
+    conn = access_store.connect(args.access.store)
+    with contextlib.suppress(access_store.StoreError):
+        access_store.delete_key(conn, UP_KEY)  # left by an `up` that was killed
+    secret = access_store.create_key(conn, UP_KEY, UP_PROJECT, expires_at=time.time() + 600)
+    try:
+        yield {"Authorization": f"Bearer {secret}"}
+    finally:
+        access_store.delete_key(conn, UP_KEY)
+        conn.close()
 
 
 def down(home: Path, progress=print) -> None:
@@ -159,7 +219,7 @@ def down(home: Path, progress=print) -> None:
 
 
 def _cancel_allocations(run_dir: Path, progress) -> None:
-    config = load_config(run_dir / "config.yaml")
+    config = load_run_config(run_dir)
     store = StateStore(run_dir / "state.db")
     pools = {p.name: p for p in config.cluster.pools}
     live = store.allocations(live_only=True)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from cluster.config import load_config
+from cluster.config import access_store_of, load_run_config
 from cluster.head import HeadInfo, serve_status
 from cluster.listening import listeners
 from cluster.policy import budget_left_s
@@ -52,16 +53,56 @@ def collect(home: Path) -> dict:
                               "node_id": (r.get("node_id") or "")[:12]}
                              for r in dep.get("replicas") or []]}
         out["applications"][name] = {"status": app.get("status"), "deployments": deployments}
+    stores = [access_store_of(home)]
     try:
-        config = load_config(run_dir / "config.yaml")
+        config = load_run_config(run_dir)
         authenticated = config.authenticated
         out["pools"] = [_pool_summary(pc, store, now) for pc in config.cluster.pools]
+        stores = [Path(s) for app in config.serve.get("applications") or []
+                  if (s := ((app.get("args") or {}).get("access") or {}).get("store"))] or stores
     except Exception:  # a config edited since `up`: say so rather than guess
         authenticated = False
+    out["access"] = [h for path in dict.fromkeys(stores) if (h := access_health(path, now))]
     out["ports"] = [item.as_dict() for item in listeners(run_dir, head, authenticated)]
     out["events"] = [f"{time.strftime('%H:%M:%S', time.localtime(t))} {alloc} {msg}"
                      for t, _, alloc, msg in store.events(10)]
     return out
+
+
+HEALTH_FILE = "access-health.json"  # written by the ledger replica next to its store
+HEALTH_STALE_S = 30
+
+
+def access_health(store: Path, now: float) -> dict | None:
+    """The ledger's last report on the access store and OIDC keys, if it wrote one."""
+    path = store.parent / HEALTH_FILE
+    try:
+        health = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return {"path": str(path), "store_ok": False, "stale": True,
+                "store_error": f"unreadable {HEALTH_FILE}: {err}"}
+    age = now - float(health.get("ts") or 0)
+    return {**health, "path": str(path), "age_s": round(age, 1), "stale": age > HEALTH_STALE_S}
+
+
+def render_access(h: dict) -> str:
+    store = ("store ok" if h.get("store_ok")
+             else f"store FAILING ({h.get('store_error') or 'unknown error'})")
+    parts = [store, f"{h.get('keys', '?')} keys"]
+    oidc = h.get("oidc")
+    if oidc:
+        parts.append("OIDC JWKS ok" if oidc.get("ok")
+                     else f"OIDC JWKS FAILING ({oidc.get('error') or 'unknown error'})")
+    if "replicas" in h:
+        parts.append(f"{h['replicas']} replicas reporting")
+    if "unsent_usage" in h:
+        parts.append(f"{h['unsent_usage']} usage records unsent")
+    if h.get("stale"):
+        parts.append(f"STALE: the ledger's last report is {h['age_s']:.0f}s old" if "age_s" in h
+                     else "STALE")
+    return "access: " + ", ".join(parts)
 
 
 def _pool_summary(pc, store: StateStore, now: float) -> dict:
@@ -103,6 +144,8 @@ def render(s: dict) -> str:
         for dep, d in info["deployments"].items():
             where = ", ".join(f"{r['state']}@{r['node_ip']}" for r in d["replicas"]) or "-"
             lines.append(f"  {dep:24} {d['status']:10} {where}")
+    if s.get("access"):
+        lines += [""] + [render_access(h) for h in s["access"]]
     if s.get("ports"):
         lines += ["", f"{'LISTENING ON':24} {'ROLE':50} {'CLIENTS NEED':22} REACHABLE FROM"]
         lines += [f"{p['host'] + ':' + str(p['port']):24} {p['role']:50} {p['auth']:22} "

@@ -17,10 +17,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from serve_app.access.config import AccessConfig
 from serve_app.batch.config import BatchConfig
-from serve_app.engines.base import ENGINE_CLASSES
+from serve_app.engines.base import ENGINES, check_model
+from serve_app.workflows import WorkflowSpec
 
 EngineKind = Literal["zmq", "vllm", "triton"]
 
@@ -51,7 +53,12 @@ class AutoscalingConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = Field(min_length=1, description="the `model` clients ask for")
     engine: EngineKind = "zmq"
-    engine_args: dict[str, Any] = Field(default_factory=dict)
+    task: Literal["generate", "embed"] = Field("generate", description=(
+        "generate: chat and completions; embed: /v1/embeddings (engines zmq and vllm; "
+        "docs/embeddings.md). A request to the other kind of endpoint is a 400"))
+    engine_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "the engine's own arguments; their names depend on `engine` (below) and a "
+        "misspelt one is an error naming it"))
     num_replicas: int = Field(default=1, ge=0)
     autoscaling: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(default=256, ge=1)
@@ -66,10 +73,16 @@ class ModelConfig(_Strict):
     cold_start_timeout_s: float = Field(default=600.0, gt=0, description=(
         "how long a request waits for a model with no replica (scaled to zero, its "
         "batch job queued) before a 503 model_starting with Retry-After; enforced by "
-        "the routed ingress (with `direct` the request waits in Serve's proxy)"))
+        "the routed ingress (`auto` picks it for a model with autoscaling.min_replicas "
+        "0; `direct` is refused for such a model)"))
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
+
+    @model_validator(mode="after")
+    def _engine_args(self) -> "ModelConfig":
+        check_model(self.engine, self.task, self.engine_args)
+        return self
 
     def deployment_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -91,6 +104,9 @@ class ModelConfig(_Strict):
 
 class AppConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
+    workflows: list[WorkflowSpec] = Field(default_factory=list, description=(
+        "model names served by several calls of the models above, e.g. a tribunal "
+        "(docs/workflows.md); they run in the routed ingress"))
     api_keys: list[str] = Field(default_factory=list,
                                 description="accepted bearer tokens; empty: no auth")
     api_keys_file: str | None = Field(default=None, description="one key per line")
@@ -107,8 +123,9 @@ class AppConfig(_Strict):
     ingress: Literal["auto", "routed", "direct"] = Field(
         default="auto", description="routed: one ingress replica on the head routes to the "
         "engines and retries a failed stream on another replica; direct: the engine replicas "
-        "answer HTTP themselves (one model only; one hop less, no mid-stream failover); "
-        "auto: direct for one model, routed for several")
+        "answer HTTP themselves (one model only, not one that scales to zero; one hop "
+        "less, no mid-stream failover); auto: direct for one always-on model, routed "
+        "otherwise")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppConfig":
@@ -117,6 +134,47 @@ class AppConfig(_Strict):
         if dupes:
             raise ValueError(f"model names must be unique, repeated: {dupes}")
         return self
+
+    @field_validator("workflows")
+    @classmethod
+    def _workflows_call_models(cls, value: list, info: ValidationInfo) -> list:
+        """Each workflow has a name of its own and calls models of this app, never
+        another workflow (so there are no cycles to look for)."""
+        if "models" not in info.data:
+            return value  # the models' own errors are reported
+        models = [m.name for m in info.data["models"]]
+        embedders = {m.name for m in info.data["models"] if m.task != "generate"}
+        workflows = [w.name for w in value]
+        problems: list[InitErrorDetails] = []
+
+        def problem(loc: tuple, message: str, given: object) -> None:
+            error = PydanticCustomError("workflow", "{message}", {"message": message})
+            problems.append(InitErrorDetails(type=error, loc=loc, input=given))
+
+        for i, workflow in enumerate(value):
+            if workflow.name in models:
+                problem((i, "name"), f"'{workflow.name}' is also a model's name; a "
+                        "workflow needs a name of its own", workflow.name)
+            elif workflows.index(workflow.name) != i:
+                problem((i, "name"), f"workflow names must be unique, '{workflow.name}' "
+                        "is repeated", workflow.name)
+            for loc, model in workflow.model_fields_used():
+                if model in embedders:
+                    problem((i, *loc), f"'{model}' is an embedding model (task: embed); "
+                            "a workflow's steps generate text", model)
+                    continue
+                if model in models:
+                    continue
+                if model in workflows:
+                    problem((i, *loc), f"'{model}' is a workflow; a workflow calls models "
+                            "only, not other workflows", model)
+                else:
+                    problem((i, *loc), f"unknown model '{model}'; the models are "
+                            f"{models}", model)
+        if problems:
+            # expanded field by field into the config error (describe_validation_error)
+            raise ValidationError.from_exception_data("workflows", problems)
+        return value
 
     @model_validator(mode="after")
     def _store_for_managed_keys(self) -> "AppConfig":
@@ -142,6 +200,22 @@ class AppConfig(_Strict):
         if value == "direct" and len(models) != 1:
             raise ValueError(f"'direct' serves exactly one model, the config has "
                              f"{len(models)}; use 'routed' or 'auto'")
+        if value == "direct" and _may_go_cold(models):
+            raise ValueError(
+                "a model that scales to zero (models.0.autoscaling.min_replicas: 0) needs "
+                "the routed ingress, which holds a request for it up to "
+                "cold_start_timeout_s and then answers 503 model_starting; on 'direct' "
+                "Serve's proxy holds it with no limit, and /v1/models with it.  Use "
+                "'routed' or 'auto'")
+        return value
+
+    @field_validator("ingress")
+    @classmethod
+    def _routed_for_workflows(cls, value: str, info: ValidationInfo) -> str:
+        if value == "direct" and info.data.get("workflows"):
+            raise ValueError("'direct' cannot run workflows: they run in the routed "
+                             "ingress, next to every model's engine; use 'routed' or "
+                             "'auto'")
         return value
 
     @property
@@ -153,14 +227,16 @@ class AppConfig(_Strict):
         ``direct`` is x0.94-0.99 (docs/benchmarks.md).  A config pays that only
         when it needs it: several models, a model that may scale to zero (with no
         replica, only the head's ingress can answer ``/v1/models`` with the model's
-        state; a cold request is served either way), or ``ingress: routed`` for
-        retries on another replica (mid-stream failover).
+        state and bound a cold request's wait by ``cold_start_timeout_s``; an explicit
+        ``direct`` is refused for it), workflows (they call several models), or
+        ``ingress: routed`` for retries on another replica (mid-stream failover).
         """
         if self.ingress != "auto":
             return self.ingress
-        may_go_cold = any(m.autoscaling is not None and m.autoscaling.min_replicas == 0
-                          for m in self.models)
-        return "direct" if len(self.models) == 1 and not may_go_cold else "routed"
+        if self.workflows:
+            return "routed"
+        return "direct" if len(self.models) == 1 and not _may_go_cold(self.models) \
+            else "routed"
 
     def load_api_keys(self) -> list[str]:
         keys = list(self.api_keys)
@@ -168,6 +244,10 @@ class AppConfig(_Strict):
             with open(self.api_keys_file, encoding="utf-8") as f:
                 keys += [line.strip() for line in f if line.strip()]
         return keys
+
+
+def _may_go_cold(models: list[ModelConfig]) -> bool:
+    return any(m.autoscaling is not None and m.autoscaling.min_replicas == 0 for m in models)
 
 
 class ConfigError(ValueError):
@@ -200,4 +280,4 @@ def parse_app_config(args: dict[str, Any], prefix: str = "args") -> AppConfig:
         raise ConfigError(describe_validation_error(err, prefix)) from None
 
 
-assert set(ENGINE_CLASSES) == {"zmq", "vllm", "triton"}  # EngineKind mirrors the registry
+assert set(ENGINES) == {"zmq", "vllm", "triton"}  # EngineKind mirrors the registry

@@ -14,61 +14,79 @@ an engine failure before the first token is a 503 rather than a retry
 rotation, scale-down) still lose nothing: Serve drains a replica by taking it out of
 HAProxy first and letting its streams finish
 (``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``, set by the head).
+
+The engine is held by an ``EngineDeployment`` object (not a deployment of its own),
+the same class the routed ingress calls through Serve: coalescing, health, stats
+and the graceful stop are that class's in both modes.
 """
 
 from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from serve_app.engines.base import engine_class
-from serve_app.errors import APIError, as_engine_error
 from serve_app.api.server import OpenAIServer, openai_deployment
-from serve_app.protocol import GenerateDelta, GenerateRequest
+from serve_app.engines.deployment import EngineDeployment
+from serve_app.errors import APIError, as_engine_error
+from serve_app.protocol import EmbedRequest, EmbedResult, GenerateDelta, GenerateRequest
+
+
+def _client_error(exc: Exception) -> Exception:
+    """An engine's 4xx as the ``APIError`` the client gets; anything else unchanged."""
+    engine_error = as_engine_error(exc)
+    return exc if engine_error is None else APIError.from_engine(engine_error)
 
 
 class EngineIngress(OpenAIServer):
-    """OpenAI routes in front of an engine object living in the same replica."""
+    """OpenAI routes in front of the app's one model's engine, in the same replica."""
 
-    engine_cls: type  # the raw engine class; set by ``engine_ingress``
-
-    def __init__(self, config: dict[str, Any], ledger: Any = None, batch: Any = None,
-                 **engine_kwargs: Any):
+    def __init__(self, config: dict[str, Any], ledger: Any = None, batch: Any = None):
         super().__init__(config, ledger, batch)
-        self.engine = self.engine_cls(**engine_kwargs)
+        (model,) = self.config.models
+        self.host = EngineDeployment(model.model_dump())
 
     async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         try:
-            async for deltas in self.engine.generate(req):
+            async for deltas in self.host.generate(req):
                 yield deltas
         except Exception as exc:
-            engine_error = as_engine_error(exc)
-            if engine_error is None:
+            error = _client_error(exc)
+            if error is exc:
                 raise
-            raise APIError.from_engine(engine_error) from None
+            raise error from None
+
+    async def _embed(self, req: EmbedRequest) -> EmbedResult:
+        try:
+            return await self.host.embed(req)
+        except Exception as exc:
+            error = _client_error(exc)
+            if error is exc:
+                raise
+            raise error from None
 
     # What Serve, the batch service and the tests call on an engine deployment, forwarded.
     async def generate(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
-        async for deltas in self.engine.generate(req):
+        async for deltas in self.host.generate(req):
             yield deltas
 
     async def check_health(self) -> None:
-        await self.engine.check_health()
+        await self.host.check_health()
 
     async def model_info(self) -> dict[str, Any]:
-        return await self.engine.model_info()
+        return await self.host.model_info()
 
     async def stats(self) -> dict[str, Any]:
-        return await self.engine.stats()
+        return await self.host.stats()
 
     def __del__(self) -> None:
         """Serve's graceful stop: let the engine stop what it started, now."""
-        engine = self.__dict__.pop("engine", None)
-        if engine is not None and hasattr(engine, "__del__"):
-            engine.__del__()
+        host = self.__dict__.pop("host", None)
+        if host is not None:
+            host.shutdown()
 
 
-def engine_ingress(kind: str, **options: Any):
-    """The deployment for ``ingress: direct``: engine ``kind`` answering HTTP."""
-    raw = engine_class(kind).func_or_class
-    cls = type(f"{raw.__name__}Ingress", (EngineIngress,), {"engine_cls": raw})
-    return openai_deployment(cls, **options)
+DirectIngress = openai_deployment(EngineIngress, name="EngineIngress")
+
+
+def engine_ingress(**options: Any):
+    """The deployment for ``ingress: direct`` (``options``: the model's)."""
+    return DirectIngress.options(**options)

@@ -88,7 +88,8 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 def _is_union_tag(part: object) -> bool:
     """Pydantic names the union member in error locations (``content.str``); clients
     want the field (``content``)."""
-    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part
+                                      or part.startswith("constrained-"))
 
 
 def as_engine_error(exc: BaseException) -> EngineError | None:

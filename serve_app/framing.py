@@ -7,21 +7,28 @@ once per request and only the text is encoded per chunk.  The shapes are those o
 
 ``usage`` on a chunk (vLLM's ``stream_options.continuous_usage_stats``) is the usage
 so far; without it chunks carry no ``usage`` key, as OpenAI's.
+
+``hpcserve`` (``EXTENSION``) is hpcserve's own field: a workflow's trace, on the whole
+response and on the stream's chunk with ``finish_reason``; absent otherwise.  The
+last delta of a stream brings it in ``extras[EXTENSION]``.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Literal
 
+import numpy as np
 import orjson
 
-from serve_app.protocol import Usage
+from serve_app.protocol import EmbedResult, Usage
 
 Kind = Literal["chat", "completion"]
+EXTENSION = "hpcserve"
 DONE = b"data: [DONE]\n\n"
 _SSE_EOL = re.compile(rb"\r\n|\r|\n")
 
@@ -98,11 +105,14 @@ class ResponseFramer:
         return self._event({**base, "object": "text_completion", "choices": [choice]})
 
     def final_chunks(self, finish_reason: str, usage: Usage | None,
-                     include_usage: bool, continuous: bool = False) -> bytes:
-        """The chunk with ``finish_reason`` (with the usage too if ``continuous``), the
-        usage chunk if ``include_usage``, ``[DONE]``."""
+                     include_usage: bool, continuous: bool = False,
+                     extension: dict | None = None) -> bytes:
+        """The chunk with ``finish_reason`` (with the usage too if ``continuous``, and
+        ``extension`` as ``hpcserve``), the usage chunk if ``include_usage``, ``[DONE]``."""
         base = {"id": self.id, "created": self.created, "model": self.model}
         last = {**base, "usage": usage_dict(usage)} if continuous and usage else base
+        if extension:
+            last = {**last, EXTENSION: extension}
         if self.kind == "chat":
             choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
             out = self._event({**last, "object": "chat.completion.chunk", "choices": [choice]})
@@ -119,9 +129,11 @@ class ResponseFramer:
         return self._event(body) + DONE
 
     def whole(self, text: str, finish_reason: str, usage: Usage,
-              logprobs: dict | None = None) -> bytes:
+              logprobs: dict | None = None, extension: dict | None = None) -> bytes:
         base = {"id": self.id, "created": self.created, "model": self.model,
                 "usage": usage_dict(usage)}
+        if extension:
+            base[EXTENSION] = extension
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": logprobs, "finish_reason": finish_reason}
@@ -149,3 +161,19 @@ async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
             yield part.decode("utf-8", errors="replace")
     if buf:
         yield buf.decode("utf-8", errors="replace")
+
+
+def embedding_list(model: str, result: EmbedResult, encoding_format: str) -> bytes:
+    """An ``EmbeddingList`` body.  ``float``: each vector as JSON numbers (float32's
+    shortest text, so they parse back to the same float32 values); ``base64``: its
+    little-endian float32 bytes, as OpenAI sends them."""
+    rows = np.ascontiguousarray(result.embeddings, dtype="<f4")
+    if encoding_format == "base64":
+        vectors = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+    else:
+        vectors = list(rows)
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+    return orjson.dumps({"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": result.prompt_tokens,
+                                   "total_tokens": result.prompt_tokens}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,8 +1,12 @@
 """The routed ingress: one replica on the head in front of the engine deployments.
 
-Used when a config serves several models, or when streams must survive an engine
-replica dying: the ingress retries on another replica, continuing from the text
-already sent.  The HTTP surface itself is ``serve_app.api``.
+Used when a config serves several models or workflows, or when streams must survive
+an engine replica dying: the ingress retries on another replica, continuing from the
+text already sent (an embedding request is simply sent again).  A workflow's name
+runs the workflow here, next to the engine handles its steps call
+(``serve_app.workflows``).  The engines are
+``serve_app.engines.deployment.EngineDeployment`` deployments; the HTTP surface
+itself is ``serve_app.api``.
 """
 
 from __future__ import annotations
@@ -16,24 +20,68 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import APIError, as_engine_error
 from serve_app.api.server import OpenAIServer, openai_deployment
-from serve_app.protocol import GenerateDelta, GenerateRequest, Usage
+from serve_app.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateDelta,
+    GenerateRequest,
+    Usage,
+)
+from serve_app.workflows import build_workflow
+from serve_app.workflows.base import UsageSink
 
 log = logging.getLogger("hpcserve.ingress")
 
 
 class RoutedIngress(OpenAIServer):
     COLD_START_WAIT = True  # the engine deployment may be scaled to zero
+
     def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle],
                  ledger: DeploymentHandle | None = None, batch: DeploymentHandle | None = None):
         super().__init__(config, ledger, batch)
+        self.handles = engines
         self.engines = {name: h.options(stream=True) for name, h in engines.items()}
+        self.workflow_runners = {w.name: build_workflow(w, self._engine_stream, self.models)
+                                 for w in self.config.workflows}
 
-    async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
+    def _workflow_stream(self, req: GenerateRequest, on_usage: UsageSink | None = None
+                         ) -> AsyncIterator[list[GenerateDelta]]:
+        return self.workflow_runners[req.model].run(req, on_usage)
+
+    async def _embed(self, req: EmbedRequest) -> EmbedResult:
+        """Embed on an engine replica; a replica that died is retried on another."""
+        attempt = 0
+        while True:
+            try:
+                return await self.handles[req.model].embed.remote(req)
+            except Exception as exc:
+                self._retry_or_raise(exc, attempt, self.config.max_retries, req.request_id)
+                attempt += 1
+
+    @staticmethod
+    def _retry_or_raise(exc: Exception, attempt: int, max_retries: int,
+                        request_id: str) -> None:
+        """Returns when the failed engine call may be retried; raises otherwise
+        (an engine's 4xx as the ``APIError`` the client gets)."""
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        engine_error = as_engine_error(exc)
+        if engine_error is not None:
+            raise APIError.from_engine(engine_error) from None
+        if not isinstance(exc, RayError) or attempt >= max_retries:
+            raise exc
+        log.warning("engine call for %s failed (%s); retry %d on another replica",
+                    request_id, type(exc).__name__, attempt + 1)
+
+    async def _engine_stream(self, req: GenerateRequest, retries: int | None = None
+                             ) -> AsyncIterator[list[GenerateDelta]]:
         """Stream from an engine replica, failing over to another if it dies.
 
         Text already yielded is passed as ``continuation`` so the new replica
         generates only what follows; token budgets and usage are carried over.
+        ``retries``: how many times (None: the app's ``max_retries``).
         """
+        max_retries = self.config.max_retries if retries is None else retries
         handle = self.engines[req.model]
         sent_text, sent_tokens, attempt = "", 0, 0
         budget = req.sampling.max_tokens
@@ -50,14 +98,8 @@ class RoutedIngress(OpenAIServer):
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:
-                engine_error = as_engine_error(exc)
-                if engine_error is not None:
-                    raise APIError.from_engine(engine_error) from None
-                if not isinstance(exc, RayError) or attempt >= self.config.max_retries:
-                    raise
+                self._retry_or_raise(exc, attempt, max_retries, req.request_id)
                 attempt += 1
-                log.warning("engine call for %s failed (%s); retry %d on another replica",
-                            req.request_id, type(exc).__name__, attempt)
                 sampling = req.sampling.model_copy(update={
                     "max_tokens": None if budget is None else max(1, budget - sent_tokens)})
                 req = req.model_copy(update={"continuation": sent_text, "sampling": sampling})

@@ -46,6 +46,16 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool | None = False
 
 
+class HpcserveOptions(BaseModel):
+    """hpcserve's own request options (the ``hpcserve`` field; OpenAI's clients send it
+    with ``extra_body``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    trace_texts: StrictBool | None = Field(default=False, description=(
+        "a workflow's trace (`hpcserve.trace` of the response) includes the text of "
+        "every intermediate step"))
+
+
 class ContentPart(TypedDict, total=False):
     """An OpenAI content part; only ``text`` parts reach the model as text."""
 
@@ -78,6 +88,7 @@ class _GenerationParams(BaseModel):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[TokenId, Bias] | None = Field(
         default=None, description="token id (a string) -> bias added to its logit")
+    hpcserve: HpcserveOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -116,6 +127,44 @@ class CompletionRequest(_GenerationParams):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+Text = Annotated[StrictStr, Field(min_length=1)]
+Tokens = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+MAX_EMBED_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: ``input`` is a text, a list of texts, a list of token
+    ids (the model's own tokenizer's), or a list of those."""
+
+    model_config = ConfigDict(extra="allow")  # extras: a 400 naming them (the ingress)
+
+    model: StrictStr = Field(min_length=1)
+    input: (Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+            | Tokens | Annotated[list[Tokens], Field(min_length=1, max_length=MAX_EMBED_INPUTS)])
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(default=None, ge=1, description=(
+        "shorter vectors, for Matryoshka models only (else a 400 naming it)"))
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _at_most(cls, value: Any) -> Any:
+        """Said plainly (the union would name a member's first item instead)."""
+        if isinstance(value, list) and len(value) > MAX_EMBED_INPUTS and (
+                not value or not isinstance(value[0], int)):
+            raise ValueError(f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(value)}")
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        """Always a list of inputs, each a text or a list of token ids."""
+        value = self.input
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            return [value]
+        return list(value)
+
+    def extra_fields(self) -> dict[str, Any]:
+        return dict(self.__pydantic_extra__ or {})
+
+
 # ---- responses (what serve_app.framing writes) ------------------------------------
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -151,6 +200,36 @@ class CompletionLogprobs(_Out):
     text_offset: list[int]
 
 
+class StepTrace(_Out):
+    """One model call of a workflow, in the order the calls started; times in seconds
+    from the request's start."""
+
+    step: str = Field(description="e.g. draft, critique, revise, final")
+    round: int
+    role: Literal["member", "judge"]
+    model: str
+    member: int | None = Field(default=None, description="the member's place in the panel")
+    status: Literal["pending", "running", "ok", "failed", "cancelled"]
+    prompt_tokens: int
+    completion_tokens: int
+    start_s: float | None
+    end_s: float | None
+    latency_s: float | None
+    ttft_s: float | None
+    finish_reason: FinishReason | None
+    error: str | None = None
+    text: str | None = Field(default=None, description="with `hpcserve.trace_texts` only")
+
+
+class Extension(_Out):
+    """hpcserve's own field of a response: how a workflow made it.  ``usage`` is the
+    sum over every step of ``trace``."""
+
+    workflow: str
+    kind: str
+    trace: list[StepTrace]
+
+
 class AssistantMessage(_Out):
     role: Literal["assistant"]
     content: str
@@ -169,6 +248,7 @@ class ChatCompletion(_Out):
     created: int
     model: str
     usage: Usage
+    hpcserve: Extension | None = None
     choices: list[ChatChoice]
 
 
@@ -195,6 +275,8 @@ class ChatCompletionChunk(_Out):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    hpcserve: Extension | None = Field(default=None, description=(
+        "a workflow's trace, on the chunk with `finish_reason`"))
 
 
 class CompletionChoice(_Out):
@@ -210,6 +292,7 @@ class Completion(_Out):
     created: int
     model: str
     usage: Usage
+    hpcserve: Extension | None = None
     choices: list[CompletionChoice]
 
 
@@ -229,6 +312,28 @@ class CompletionChunk(_Out):
     model: str
     choices: list[CompletionChunkChoice]
     usage: Usage | None = None
+    hpcserve: Extension | None = Field(default=None, description=(
+        "a workflow's trace, on the chunk with `finish_reason`"))
+
+
+class EmbeddingUsage(_Out):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embedding(_Out):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description=(
+        "the vector; with `encoding_format: base64`, its little-endian float32 bytes "
+        "in base64"))
+
+
+class EmbeddingList(_Out):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelStatus(_Out):
@@ -239,6 +344,7 @@ class ModelStatus(_Out):
     target_replicas: int
     walltime_left_s: int | None = None
     reason: str | None = None
+    expected_start: int | None = None  # queued: when the scheduler expects the job to start
 
 
 class Model(_Out):
@@ -247,8 +353,13 @@ class Model(_Out):
     created: int
     owned_by: str = "hpcserve"
     engine: str
+    task: Literal["generate", "embed"] = Field("generate", description=(
+        "generate: chat and completions; embed: embeddings"))
     max_model_len: int | None = None
     status: ModelStatus | None = None
+    workflow: dict[str, Any] | None = Field(default=None, description=(
+        "a workflow's kind and models (its `engine` is `workflow`; its status is "
+        "derived from those of its models)"))
 
 
 class ModelList(_Out):
@@ -273,8 +384,14 @@ class Health(_Out):
 
 
 def model_object(name: str, created: int, engine: str, max_model_len: int | None,
-                 status: dict | None = None) -> dict:
+                 status: dict | None = None, workflow: dict | None = None,
+                 task: str = "generate") -> dict:
     """A served model as an OpenAI model object (``Model``); ``status`` is the control
-    loop's live state of it (``ModelStatus``), when known."""
-    return {"id": name, "object": "model", "created": created, "owned_by": "hpcserve",
-            "engine": engine, "max_model_len": max_model_len, "status": status}
+    loop's live state of it (``ModelStatus``), when known; ``workflow`` describes a
+    workflow served under the name."""
+    out = {"id": name, "object": "model", "created": created, "owned_by": "hpcserve",
+           "engine": engine, "task": task, "max_model_len": max_model_len,
+           "status": status}
+    if workflow is not None:
+        out["workflow"] = workflow
+    return out

@@ -20,9 +20,9 @@ from pydantic.json_schema import models_json_schema
 from serve_app import openai_protocol as p
 
 _REF = "#/components/schemas/{model}"
-_REQUESTS = (p.ChatCompletionRequest, p.CompletionRequest)
+_REQUESTS = (p.ChatCompletionRequest, p.CompletionRequest, p.EmbeddingRequest)
 _RESPONSES = (p.ChatCompletion, p.ChatCompletionChunk, p.Completion, p.CompletionChunk,
-              p.Model, p.ModelList, p.ErrorResponse, p.Health)
+              p.EmbeddingList, p.Model, p.ModelList, p.ErrorResponse, p.Health)
 ERRORS = {
     400: "The request is invalid (malformed JSON, a wrong type or value, an unsupported "
          "option, too long for the context); `param` names the field.",
@@ -31,7 +31,8 @@ ERRORS = {
     413: "The request body is larger than the server accepts.",
     415: "The body is not `application/json`.",
     429: "Too many requests.",
-    503: "No engine replica could serve the request (`code: engine_unavailable`).",
+    503: "No engine replica could serve the request (`code: engine_unavailable`), or a "
+         "workflow step it needs failed (`code: workflow_step_failed`, naming the step).",
 }
 _SSE = ("Server-sent events: one `data: <{chunk} JSON>` event per piece of text, a last "
         "chunk with `finish_reason`, the usage chunk (`choices: []`) when "
@@ -97,8 +98,11 @@ def _generation(request: type, whole: type, chunk: type, summary: str,
 
 
 def openapi_document(model_names: list[str], auth: bool, *, engine_options: Iterable[str] = (),
-                     max_tokens: int | None = None, version: str = "0.1.0") -> dict:
-    """The document for a server serving ``model_names``; ``auth``: it checks API keys.
+                     max_tokens: int | None = None, version: str = "0.1.0",
+                     embedding_models: list[str] = ()) -> dict:
+    """The document for a server serving ``model_names`` (chat and completions) and
+    ``embedding_models``; ``auth``: it checks API keys.  A path is listed when some
+    model serves it.
 
     Exactly the fields the server accepts are listed (the request models allow extra
     keys only for the ingress to name them in a 400): the models' own, the ignored
@@ -109,9 +113,13 @@ def openapi_document(model_names: list[str], auth: bool, *, engine_options: Iter
     for request in _REQUESTS:
         schema = schemas[_components()[1][(request.__name__, "validation")]]
         props = schema["properties"]
-        props["model"] = {**props["model"], "enum": list(model_names),  # else a 404
-                          "description": "One of the models this server serves."}
-        for name in sorted(set(p.IGNORED_FIELDS) | set(engine_options)):
+        embed = request is p.EmbeddingRequest
+        names = list(embedding_models if embed else model_names)
+        if names:  # else a 404 (or a 400: a model of the other task)
+            props["model"] = {**props["model"], "enum": names,
+                              "description": "One of the models this server serves"
+                                             + (" embeddings with." if embed else " text with.")}
+        for name in sorted(set(p.IGNORED_FIELDS) | set(() if embed else engine_options)):
             props.setdefault(name, {"description": "Accepted; ignored."
                                     if name in p.IGNORED_FIELDS else "An engine option."})
         schema["additionalProperties"] = False  # any other field is a 400 naming it
@@ -133,12 +141,20 @@ def openapi_document(model_names: list[str], auth: bool, *, engine_options: Iter
             "parameters": [{"name": "model_id", "in": "path", "required": True,
                             "schema": {"type": "string", "examples": list(model_names)}}],
             "responses": _responses("The model.", _json(p.Model), (*secured, 404, 429, 503))}},
-        "/v1/chat/completions": {"post": _generation(
-            p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,
-            "Chat completion", post)},
-        "/v1/completions": {"post": _generation(
-            p.CompletionRequest, p.Completion, p.CompletionChunk, "Text completion", post)},
     }
+    if model_names:
+        paths["/v1/chat/completions"] = {"post": _generation(
+            p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,
+            "Chat completion", post)}
+        paths["/v1/completions"] = {"post": _generation(
+            p.CompletionRequest, p.Completion, p.CompletionChunk, "Text completion", post)}
+    if embedding_models:
+        paths["/v1/embeddings"] = {"post": {
+            "summary": "Embeddings (models with `task: embed`)",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": _ref(p.EmbeddingRequest, "validation")}}},
+            "responses": _responses("The embeddings, in input order.",
+                                    _json(p.EmbeddingList), post)}}
     if auth:
         for path, item in paths.items():
             if path != "/health":

@@ -1,4 +1,5 @@
-"""The internal engine protocol: one request shape in, a stream of deltas out.
+"""The internal engine protocol: one request shape in, a stream of deltas out
+(generation), or inputs in and one matrix of embeddings out (``EmbedRequest``).
 
 Every engine (ZMQ, vLLM, Triton) implements exactly this, so the ingress frames
 OpenAI responses once and engines never see HTTP.  Requests are validated pydantic
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 
@@ -56,6 +58,26 @@ class GenerateRequest(BaseModel):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     continuation: str = ""
     extras: dict[str, Any] = Field(default_factory=dict)
+
+
+class EmbedRequest(BaseModel):
+    """Embed each input: a text (the engine tokenizes it, special tokens included) or
+    a list of token ids of the model's own tokenizer (used as they are).
+    ``dimensions``: the client asked for shorter vectors (Matryoshka models only)."""
+
+    request_id: str
+    model: str
+    inputs: list[str | list[int]] = Field(min_length=1)
+    dimensions: int | None = None
+
+
+@dataclass(slots=True)
+class EmbedResult:
+    """One row per input, in order (float32, ``[len(inputs), dimensions]``).
+    ``prompt_tokens``: the inputs' tokens, all counted."""
+
+    embeddings: np.ndarray
+    prompt_tokens: int
 
 
 FinishReason = Literal["stop", "length", "abort", "error"]

@@ -99,3 +99,23 @@ def test_slurm_example_config_validates(tmp_path: Path):
     config = load_config(config_file)
     pool = config.cluster.pools[0]
     assert pool.provider == "slurm" and pool.provider_options["partition"] == "gpu"
+
+
+def test_access_examples_validate(tmp_path: Path):
+    """docs/access.md's app config loads as `up` loads it, and its OIDC section too."""
+    import textwrap
+
+    import yaml
+
+    from cluster.config import load_config
+    from serve_app.access.config import AccessConfig
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "access.md").read_text(), re.S)
+    full, oidc = blocks[0], blocks[1]
+    config_file = tmp_path / "access.yaml"
+    config_file.write_text(full)
+    config = load_config(config_file, access_store=tmp_path / "access.db")
+    access = config.serve["applications"][0]["args"]["access"]
+    assert access["store"] == str(tmp_path / "access.db") and config.authenticated
+    section = AccessConfig.model_validate(yaml.safe_load(textwrap.dedent(oidc))["access"])
+    assert section.oidc.project_map["/projects/chem-2027"] == "chem"

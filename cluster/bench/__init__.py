@@ -6,23 +6,17 @@ mode measures the cost of hpcserve itself: the same engine bare and behind the s
 interleaved in one run so machine noise hits both alike.
 """
 
-from cluster.bench.runner import (
-    BenchConfig,
-    BenchError,
-    BenchRun,
-    Step,
-    Target,
-    run_bench,
-)
-from cluster.bench.workload import PromptFactory, poisson_arrivals
+import importlib
 
-__all__ = [
-    "BenchConfig",
-    "BenchError",
-    "BenchRun",
-    "PromptFactory",
-    "Step",
-    "Target",
-    "poisson_arrivals",
-    "run_bench",
-]
+_EXPORTS = {"BenchConfig": "runner", "BenchError": "runner", "BenchRun": "runner",
+            "Step": "runner", "Target": "runner", "run_bench": "runner",
+            "PromptFactory": "workload", "poisson_arrivals": "workload"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Imported on first use: the runner takes seconds to import (numpy, the client),
+    and every `hpcserve` command imports this package for its parser."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cluster.bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cluster.bench.{_EXPORTS[name]}"), name)

@@ -12,15 +12,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import orjson
 
-from cluster.bench.plots import write_plots
-from cluster.bench.progress import NullProgress, ProgressSink, RichProgress
-from cluster.bench.report import build_report, markdown, write_outputs
-from cluster.bench.runner import BenchConfig, BenchError, Step, Target, run_bench
-from cluster.bench.workload import PromptFactory, Tokenizer
+if TYPE_CHECKING:
+    from cluster.bench.progress import ProgressSink
+    from cluster.bench.workload import Tokenizer
 
 DESCRIPTION = """\
 Load-test an OpenAI-compatible endpoint with streaming requests: a concurrency sweep
@@ -140,7 +138,7 @@ def _validate(args: argparse.Namespace) -> str | None:
 
 def _running_service(home: str | None) -> tuple[str | None, str | None]:
     """(endpoint URL, first model) of the hpcserve running from ``home``, if any."""
-    from cluster.config import load_config
+    from cluster.config import load_run_config
     from cluster.head import HeadInfo
     from cluster.service import home_dir, run_dir_of
     run_dir = run_dir_of(home_dir(home))
@@ -148,7 +146,7 @@ def _running_service(home: str | None) -> tuple[str | None, str | None]:
         return None, None
     url = HeadInfo.load(run_dir).http_url + "/v1"
     try:
-        apps = load_config(run_dir / "config.yaml").serve.get("applications") or []
+        apps = load_run_config(run_dir).serve.get("applications") or []
         models = [m["name"] for a in apps for m in (a.get("args") or {}).get("models", [])]
     except Exception:  # an unreadable config: the URL is still right
         models = []
@@ -156,6 +154,13 @@ def _running_service(home: str | None) -> tuple[str | None, str | None]:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    # Imported here: numpy, matplotlib and the client take seconds, which every other
+    # `hpcserve` command (they share this parser) would pay.
+    from cluster.bench.plots import write_plots
+    from cluster.bench.progress import NullProgress, RichProgress
+    from cluster.bench.report import build_report, markdown, write_outputs
+    from cluster.bench.runner import BenchConfig, BenchError, Step, Target, run_bench
+    from cluster.bench.workload import PromptFactory
     if not args.url or not args.model:
         url, model = _running_service(args.home)
         args.url, args.model = args.url or url, args.model or model

@@ -1,7 +1,8 @@
 """The provider interface: how the pool talks to a batch system.
 
 A provider does four things: submit a worker job, poll jobs, cancel a job, and
-describe the worker job it runs.  Everything else -- rotation, replacement,
+describe the worker job it runs (and, optionally, says when a queued job is
+expected to start).  Everything else -- rotation, replacement,
 lead times, persistence -- lives in the pool, so a new batch system is one module.
 """
 
@@ -74,6 +75,12 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def cancel(self, job_id: str) -> None:
         """End a job early (idempotent)."""
+
+    def expected_start(self, job_id: str) -> float | None:
+        """When the scheduler expects a queued job to start (epoch seconds), where it
+        gives an estimate; None when it gives none (not computed yet, held, running,
+        unknown).  Optional: a scheduler with no estimates keeps this default."""
+        return None
 
     def describe(self) -> str:
         """A human-readable description of the worker job this provider runs."""

@@ -48,6 +48,9 @@ class LocalOptions(BaseModel):
     node_ip_base: str = Field(default="127.0.0", description=(
         "each job advertises its own loopback address BASE.N"))
     first_host: int = Field(default=10, ge=2, le=249, description="the first N of BASE.N")
+    refuse_submits: str | None = Field(default=None, description=(
+        "every submit fails with this message, as a scheduler refusing the job would "
+        "(tests)"))
 
 
 class LocalProvider(Provider):
@@ -55,7 +58,8 @@ class LocalProvider(Provider):
 
     def __init__(self, jobs_dir: str | Path, job_script: str | Path = DEFAULT_SCRIPT,
                  queue_delay_s: float = 0.0, kill_grace_s: float = 10.0,
-                 node_ip_base: str = "127.0.0", first_host: int = 10):
+                 node_ip_base: str = "127.0.0", first_host: int = 10,
+                 refuse_submits: str | None = None):
         self.jobs_dir = Path(jobs_dir)
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.job_script = Path(job_script)
@@ -63,6 +67,7 @@ class LocalProvider(Provider):
         self.kill_grace_s = kill_grace_s
         self.node_ip_base = node_ip_base
         self.first_host = first_host
+        self.refuse_submits = refuse_submits
 
     def _next_ip(self) -> str:
         """Each allocation advertises its own loopback address (FIELD-NOTES)."""
@@ -72,6 +77,8 @@ class LocalProvider(Provider):
         return f"{self.node_ip_base}.{self.first_host + n % (250 - self.first_host)}"
 
     def submit(self, spec: WorkerSpec) -> str:
+        if self.refuse_submits:
+            raise ProviderError(self.refuse_submits)
         job_id = f"local-{uuid.uuid4().hex[:10]}"
         job_dir = self.jobs_dir / job_id
         job_dir.mkdir()
@@ -119,6 +126,17 @@ class LocalProvider(Provider):
             state, st["reason"] = JobState.FAILED, "supervisor vanished"
         return JobInfo(job_id, state, node=st.get("node"), start_time=st.get("start_time"),
                        end_time=st.get("end_time"), reason=st.get("reason", ""))
+
+    def expected_start(self, job_id: str) -> float | None:
+        """This scheduler's queue is ``queue_delay_s`` long: a pending job starts then."""
+        if self._info(job_id).state is not JobState.PENDING:
+            return None
+        job_dir = self.jobs_dir / job_id
+        try:
+            submitted = json.loads((job_dir / "state.json").read_text())["submit_time"]
+            return submitted + json.loads((job_dir / "job.json").read_text())["queue_delay_s"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def cancel(self, job_id: str) -> None:
         """Like scancel: the supervisor TERMs the job's group, KILLs it after a grace."""

@@ -21,6 +21,8 @@ Choices made from measurements on slurm-wlm 22.05 (see FIELD-NOTES):
   ~30 s earlier than asked, and the wall-time SIGTERM comes 0-30 s after the end.
 - ``--no-requeue``: the pool replaces failed allocations itself; a requeued job
   would reappear under the same id with a new start time.
+- A queued job's expected start is ``squeue --start`` (the backfill scheduler's
+  estimate), asked by the pool at most every few seconds per queued job.
 """
 
 from __future__ import annotations
@@ -198,6 +200,21 @@ class SlurmProvider(Provider):
         if proc.returncode != 0 and not any(g in err.lower() for g in _GONE):
             raise ProviderError(f"scancel {job_id} failed (rc={proc.returncode}): {err}")
 
+    def expected_start(self, job_id: str) -> float | None:
+        """The backfill scheduler's estimate (``squeue --start``).  A pending job shows
+        ``N/A`` until a backfill cycle has placed it (~30 s on the dev cluster) and
+        when it cannot be placed (held, dependency); a started job is not listed."""
+        if not _JOB_ID.match(str(job_id)):
+            return None
+        proc = self._run([self._bin("squeue"), "--start", "--noheader", f"--jobs={job_id}",
+                          "--format=%S"])
+        if proc.returncode != 0:
+            if "invalid job id" in proc.stderr.lower():
+                return None
+            raise ProviderError(f"squeue --start failed (rc={proc.returncode}): "
+                                f"{proc.stderr.strip()}")
+        return parse_expected_start(proc.stdout)
+
     def describe(self) -> str:
         c = self.config
         where = ", ".join(f"{k}={v}" for k, v in (
@@ -332,6 +349,13 @@ class SlurmProvider(Provider):
                                 f"(slurmctld unreachable?)") from exc
         except OSError as exc:
             raise ProviderError(f"cannot run {argv[0]}: {exc}") from exc
+
+
+def parse_expected_start(output: str) -> float | None:
+    """``squeue --start --format=%S`` with ``SLURM_TIME_FORMAT=%s``: epoch seconds,
+    ``N/A`` (no estimate yet), or nothing (the job is no longer pending)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return _epoch(lines[0]) if lines else None
 
 
 def _epoch(value: str) -> float | None:

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import time
 from typing import Any
 
@@ -47,6 +48,8 @@ class LedgerServer:
         self.replica_health: dict[str, dict[str, Any]] = {}
         self.unsent_reported = 0
         self._task: asyncio.Task | None = None
+        if not os.path.exists(self.path):  # a first start
+            store.connect(self.path).close()
         self._reload_keys()
         self.requests = Counter("hpcserve_requests", "finished requests",
                                 tag_keys=("project", "model", "status"))
@@ -55,21 +58,34 @@ class LedgerServer:
 
     # ---- the store ---------------------------------------------------------
     def _db(self):
+        """The store, never recreated after the first start: an empty new store in
+        place of a lost one would revoke every key."""
         if self._conn is None:
+            if not os.path.exists(self.path):
+                raise FileNotFoundError(f"the access store {self.path} is missing")
             self._conn = store.connect(self.path)
         return self._conn
 
     def _reload_keys(self) -> None:
+        """Read the keys when they changed.  A fresh read-only connection each time,
+        so a store that was deleted, replaced or broken shows as an error (and the
+        keys already known stay) instead of being recreated empty."""
         try:
-            version = store.keys_version(self._db())
-            if version != self.keys_version:
-                self.keys = {h: {f: r[f] for f in _KEY_FIELDS}
-                             for h, r in store.keys_by_hash(self._db()).items()}
-                self.keys_version = version
+            if not os.path.exists(self.path):
+                raise FileNotFoundError(f"the access store {self.path} is missing")
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+            conn.row_factory = sqlite3.Row
+            try:
+                version = store.keys_version(conn)
+                if version != self.keys_version:
+                    self.keys = {h: {f: r[f] for f in _KEY_FIELDS}
+                                 for h, r in store.keys_by_hash(conn).items()}
+                    self.keys_version = version
+            finally:
+                conn.close()
             self.store_error = None
         except Exception as exc:  # keep serving the keys we have
             self.store_error = f"{type(exc).__name__}: {exc}"
-            self._conn = None
 
     def _record(self, rows: list[dict[str, Any]]) -> bool:
         try:

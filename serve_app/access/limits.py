@@ -7,8 +7,8 @@ sync (``access.sync_interval_s``) it reports what it used and what was asked of 
 and gets a new lease.  A lease is at most what the bucket holds minus every other
 replica's outstanding lease, so the replicas together never admit more than the
 bucket allows; leases follow demand (a replica that sees the traffic gets most of
-the bucket within one sync), and an idle service splits the bucket evenly so the
-first request on any replica is admitted.
+the bucket within a few syncs when the bucket runs low), and an ample bucket is
+split evenly so that a request on any replica is admitted.
 
 Requests per minute and tokens per minute refill continuously (capacity per 60 s);
 concurrency does not refill: a finished request gives its slot back.
@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass, field
 
 WINDOW_S = 60.0
-_IDLE_WEIGHT = 0.05   # the share of an idle replica, relative to a busy one's demand
 _SMOOTHING = 0.5      # weight of the previous demand estimate
 
 
@@ -51,7 +50,10 @@ class Bucket:
             self.demand.pop(gone)
         self.demand[replica] = _SMOOTHING * self.demand.get(replica, 0.0) + demand
         peers = replicas | {replica}
-        floor = _IDLE_WEIGHT * max(1.0, max(self.demand.values()))
+        # Each replica's weight is its demand plus an even share of the level: while
+        # the bucket is ample the split stays even (no replica is starved because its
+        # last request went elsewhere); under pressure it follows demand.
+        floor = max(1.0, self.level) / len(peers)
         weights = {r: self.demand.get(r, 0.0) + floor for r in peers}
         share = weights[replica] / sum(weights.values())
         free = self.level - sum(self.leases.values())

@@ -135,7 +135,11 @@ class AuthorizeModel:
 
 
 def estimate_tokens(body: Any, max_model_len: int | None) -> int:
-    """Prompt (about 4 characters a token) plus what the request may generate."""
+    """Prompt (about 4 characters a token) plus what the request may generate; an
+    embeddings request (``inputs()``) generates nothing: its inputs are its cost."""
+    inputs = getattr(body, "inputs", None)
+    if callable(inputs):
+        return sum(len(i) if isinstance(i, list) else len(i) // 4 + 1 for i in inputs())
     messages = getattr(body, "messages", None)
     if messages is not None:
         chars = sum(len(str(getattr(m, "content", "") or "")) + 16 for m in messages)

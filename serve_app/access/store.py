@@ -75,14 +75,15 @@ def create_key(conn: sqlite3.Connection, name: str, project: str, *,
     """Store a new key and return its secret (the only time it exists in clear)."""
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     now = time.time()
-    with conn:
-        if conn.execute("SELECT 1 FROM keys WHERE name=?", (name,)).fetchone():
-            raise StoreError(f"a key named '{name}' exists already")
-        conn.execute("INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,NULL,?,?)",
-                     (name, project, hash_key(secret), secret[:len(KEY_PREFIX) + 4],
-                      json.dumps(models or ["*"]), rpm, tpm, max_concurrent, expires_at,
-                      now, now))
-        _bump(conn)
+    try:
+        with conn:  # the name's primary key settles a race between two creates
+            conn.execute("INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,NULL,?,?)",
+                         (name, project, hash_key(secret), secret[:len(KEY_PREFIX) + 4],
+                          json.dumps(models or ["*"]), rpm, tpm, max_concurrent,
+                          expires_at, now, now))
+            _bump(conn)
+    except sqlite3.IntegrityError:
+        raise StoreError(f"a key named '{name}' exists already") from None
     return secret
 
 
@@ -93,6 +94,9 @@ def update_key(conn: sqlite3.Connection, name: str, **changes: Any) -> None:
         raise ValueError(f"not a key field: {sorted(unknown)}")
     if "models" in changes:
         changes["models"] = json.dumps(changes["models"] or ["*"])
+    if not changes:
+        get_key(conn, name)  # only: does it exist
+        return
     with conn:
         sets = ", ".join(f"{f}=?" for f in changes)
         cur = conn.execute(f"UPDATE keys SET {sets}, updated_at=? WHERE name=?",
@@ -109,6 +113,24 @@ def revoke_key(conn: sqlite3.Connection, name: str) -> None:
         if cur.rowcount == 0:
             raise StoreError(f"no active key named '{name}'")
         _bump(conn)
+
+
+def delete_key(conn: sqlite3.Connection, name: str) -> None:
+    """Forget a key (its usage rows stay); for keys nobody was given, like the one
+    ``hpcserve up`` makes to send each model its first request."""
+    with conn:
+        if conn.execute("DELETE FROM keys WHERE name=?", (name,)).rowcount == 0:
+            raise StoreError(f"no key named '{name}'")
+        _bump(conn)
+
+
+def key_state(key: dict[str, Any], now: float | None = None) -> str:
+    """``active``, ``revoked`` or ``expired``."""
+    if key["revoked_at"] is not None:
+        return "revoked"
+    if key["expires_at"] is not None and key["expires_at"] <= (now or time.time()):
+        return "expired"
+    return "active"
 
 
 def _public(row: sqlite3.Row) -> dict[str, Any]:
@@ -153,14 +175,22 @@ def record_usage(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> in
     return cur.rowcount
 
 
-def usage_report(conn: sqlite3.Connection, *, since: float = 0.0,
+REPORT_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens",
+                  "total_tokens")
+
+
+def usage_report(conn: sqlite3.Connection, *, since: float = 0.0, until: float | None = None,
                  by: str = "project") -> list[dict[str, Any]]:
-    """Requests, errors and tokens per ``by`` (project, key, user or model)."""
+    """Requests, errors and tokens per ``by`` (project, key, user or model) for the
+    requests finished in [since, until)."""
+    if by not in GROUPS:
+        raise ValueError(f"by: one of {sorted(GROUPS)}, not {by!r}")
     column = GROUPS[by]
     rows = conn.execute(
         f"SELECT {column} AS {by}, COUNT(*) AS requests, "
         "SUM(status >= 400) AS errors, SUM(prompt_tokens) AS prompt_tokens, "
         "SUM(completion_tokens) AS completion_tokens, "
         "SUM(prompt_tokens + completion_tokens) AS total_tokens "
-        f"FROM usage WHERE ts >= ? GROUP BY {column} ORDER BY {column}", (since,))
+        f"FROM usage WHERE ts >= ? AND ts < ? GROUP BY {column} ORDER BY {column}",
+        (since, float("inf") if until is None else until))
     return [dict(r) for r in rows]

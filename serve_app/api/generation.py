@@ -4,25 +4,26 @@ engine's delta stream -> SSE chunks or one JSON body.
 Errors the client caused are raised as ``APIError`` before anything is streamed, so
 they keep their 4xx status; once streaming, a failure is an error event.  The
 engine's usage lands in ``ctx.usage`` for the pipeline's account step.
+
+A workflow's name (``serve_app.workflows``) goes the same way: the client's options
+are checked against the engine of its final step's model, and its stream is that
+step's, with the usage of every step and the trace (``hpcserve``) on its last delta.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from typing import Any, AsyncIterator
 
 from starlette.responses import Response, StreamingResponse
 
+from serve_app.api.engine_call import check_available, first_answer
 from serve_app.api.pipeline import RequestContext
 from serve_app.config import ModelConfig
-from serve_app.engines.base import ENGINE_OPTIONS
+from serve_app.engines.base import capabilities
 from serve_app.errors import APIError, as_engine_error
-from serve_app.framing import ResponseFramer
+from serve_app.framing import EXTENSION, ResponseFramer
 from serve_app.openai_protocol import IGNORED_FIELDS
 from serve_app.protocol import GenerateDelta, GenerateRequest, SamplingParams, Usage
-
-log = logging.getLogger("hpcserve.ingress")
 
 # Options with engine-specific support: a 400 naming them where the engine lacks them,
 # unless the value asks for nothing (0, false, empty), which every engine honours.
@@ -38,6 +39,13 @@ def _prompt_tokens(deltas: list[GenerateDelta]) -> int:
     return next((d.usage.prompt_tokens for d in deltas if d.usage is not None), 0)
 
 
+async def _first(stream: AsyncIterator[list[GenerateDelta]]) -> list[GenerateDelta]:
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return []
+
+
 async def _prepend(first: list[GenerateDelta], rest: AsyncIterator[list[GenerateDelta]]):
     """The stream with its already-awaited first item put back in front."""
     if first:
@@ -48,7 +56,11 @@ async def _prepend(first: list[GenerateDelta], rest: AsyncIterator[list[Generate
 
 def to_generate(kind: str, body, cfg: ModelConfig, request_id: str) -> GenerateRequest:
     """The engine's request for an OpenAI body, or the 400 that names what is wrong."""
-    allowed = ENGINE_OPTIONS[cfg.engine]
+    if cfg.task != "generate":
+        raise APIError(400, f"The model '{body.model}' serves embeddings (task "
+                       f"'{cfg.task}'), not {'chat' if kind == 'chat' else 'completions'}; "
+                       f"use POST /v1/embeddings.", param="model", code="unsupported_model")
+    allowed = capabilities(cfg.engine).options
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
     extras = {}
@@ -88,40 +100,20 @@ def max_tokens_of(body) -> int | None:
 
 async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
     body = ctx.body
-    cfg = server.models[body.model]
+    workflow = server.workflows.get(body.model)
+    cfg = server.models[body.model if workflow is None else workflow.final_model()]
     req = to_generate(kind, body, cfg, ctx.request_id)
+    if workflow is not None and body.hpcserve is not None:
+        req.extras[EXTENSION] = body.hpcserve.model_dump()
     framer = ResponseFramer(kind, body.model)
-    wait_s = cfg.cold_start_timeout_s
-    status = server.model_state.status(body.model)
-    if status and status["state"] == "unavailable":  # no replica, and none can come
-        raise APIError(503, f"The model '{body.model}' is unavailable: "
-                       f"{status.get('reason') or 'no allocation can host it'}.",
-                       type_="server_error", code="model_unavailable",
-                       headers={"Retry-After": "60"})
-    stream = server._engine_stream(req)
-    try:
-        # Where the engine may have no replica (routed: a cold model, a batch job on
-        # its way) wait at most cold_start_timeout_s; an engine replica serving HTTP
-        # itself is the replica, so it skips the timer task on every request.
-        first = await (asyncio.wait_for(anext(stream), wait_s) if server.COLD_START_WAIT
-                       else anext(stream))
-    except StopAsyncIteration:
-        first = []
-    except asyncio.TimeoutError:
-        await stream.aclose()
-        status = server.model_state.status(body.model) or {}
-        raise APIError(503, f"The model '{body.model}' is starting "
-                       f"({status.get('state', 'no replica yet')}) and did not answer "
-                       f"within cold_start_timeout_s={wait_s:g}; retry later.",
-                       type_="server_error", code="model_starting",
-                       headers={"Retry-After": "30"}) from None
-    except APIError:
-        raise
-    except Exception as exc:
-        log.warning("engine for %s unavailable: %r", body.model, exc)
-        raise APIError(503, f"No engine replica for '{body.model}' could serve the "
-                       f"request ({type(exc).__name__}).", type_="server_error",
-                       code="engine_unavailable") from None
+    # a workflow's steps wait for their own models (each its cold_start_timeout_s)
+    wait_s = cfg.cold_start_timeout_s if workflow is None else None
+    check_available(server, body.model)
+    if workflow is None:
+        stream = server._engine_stream(req)
+    else:  # its steps' tokens count even if the request ends before its final step
+        stream = server._workflow_stream(req, lambda usage: setattr(ctx, "usage", usage))
+    first = await first_answer(server, body.model, _first(stream), wait_s, stream.aclose)
     if body.stream:
         options = body.stream_options
         include_usage = bool(options and options.include_usage)
@@ -130,17 +122,18 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
                                       bool(req.extras.get("logprobs"))),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    text, finish, usage, entries = await whole_answer(_prepend(first, stream))
+    text, finish, usage, entries, extension = await whole_answer(_prepend(first, stream))
     ctx.usage = usage
     logprobs = framer.logprobs(entries) if req.extras.get("logprobs") else None
-    return Response(framer.whole(text, finish, usage, logprobs),
+    return Response(framer.whole(text, finish, usage, logprobs, extension),
                     media_type="application/json")
 
 
 async def whole_answer(stream: AsyncIterator[list[GenerateDelta]]
-                       ) -> tuple[str, str, Usage, list[dict]]:
-    """(text, finish reason, usage, logprobs entries) of a whole engine stream."""
-    text, finish, usage, entries = [], "stop", Usage(), []
+                       ) -> tuple[str, str, Usage, list[dict], Any]:
+    """(text, finish reason, usage, logprobs entries, workflow extension) of a whole
+    engine stream."""
+    text, finish, usage, entries, extension = [], "stop", Usage(), [], None
     async for deltas in stream:
         for delta in deltas:
             text.append(delta.text)
@@ -148,7 +141,8 @@ async def whole_answer(stream: AsyncIterator[list[GenerateDelta]]
                 entries += delta.extras.get("logprobs") or ()
             if delta.finish_reason:
                 finish, usage = delta.finish_reason, delta.usage or usage
-    return "".join(text), finish, usage, entries
+                extension = delta.extras.get(EXTENSION)
+    return "".join(text), finish, usage, entries, extension
 
 
 async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[GenerateDelta],
@@ -161,7 +155,7 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
     prompt, completion = _prompt_tokens(first), 0
     ctx.usage = Usage(prompt, 0)
     yield framer.first_chunk(Usage(prompt, 0) if continuous else None)
-    finish, usage, offset = "stop", None, 0
+    finish, usage, offset, extension = "stop", None, 0, None
     try:
         async for deltas in _prepend(first, rest):
             text = "".join(d.text for d in deltas)
@@ -181,12 +175,13 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
             if last is not None and last.finish_reason:
                 finish, usage = last.finish_reason, last.usage or so_far
                 ctx.usage = usage or ctx.usage
+                extension = last.extras.get(EXTENSION)
     except Exception as exc:  # mid-stream: the status is already sent
         err = as_engine_error(exc)
-        api = APIError.from_engine(err) if err else APIError(
-            503, f"The engine failed mid-stream: {type(exc).__name__}",
-            type_="server_error", code="engine_unavailable")
+        api = exc if isinstance(exc, APIError) else APIError.from_engine(err) if err else \
+            APIError(503, f"The engine failed mid-stream: {type(exc).__name__}",
+                     type_="server_error", code="engine_unavailable")
         ctx.status = api.status
         yield framer.error_event(api.body())
         return
-    yield framer.final_chunks(finish, usage, include_usage, continuous)
+    yield framer.final_chunks(finish, usage, include_usage, continuous, extension)

@@ -1,5 +1,6 @@
 """``GET /v1/models`` and ``GET /v1/models/{id}``: the models the caller may use,
-each with its live ``status`` (``serve_app.model_state``)."""
+each with its live ``status`` (``serve_app.model_state``); a workflow's status is
+derived from those of its models."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from starlette.responses import Response
 
 from serve_app.api.endpoint import Endpoint
 from serve_app.openai_protocol import model_object
+from serve_app.workflows.base import WorkflowConfig
 
 
 def _object(server, m) -> dict:
+    if isinstance(m, WorkflowConfig):  # a workflow: its kind and models, no engine of its own
+        return model_object(m.name, server.created, "workflow", None,
+                            server.model_status(m.name), workflow=m.describe())
     return model_object(m.name, server.created, m.engine, m.max_model_len,
-                        server.model_state.status(m.name))
+                        server.model_status(m.name), task=m.task)
 
 
 async def _list(server, ctx) -> Response:

@@ -1,6 +1,7 @@
 """``OpenAIServer``: the OpenAI routes, the request pipeline, and where tokens come from.
 
-Subclasses say only where the token stream comes from (``_engine_stream``):
+Subclasses say only where the engine's answers come from (``_engine_stream`` for
+generation, ``_workflow_stream`` for a workflow's name, ``_embed`` for embeddings):
 
 * ``serve_app.ingress.RoutedIngress`` -- one replica on the head routing to engine
   deployments, with failover (several models, replicas that may die);
@@ -26,24 +27,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serve_app.access.steps import AuthorizeModel, access_steps
-from serve_app.api import batches, chat, completions, files, models
+from serve_app.api import batches, chat, completions, embeddings, files, models
 from serve_app.api.endpoint import Endpoint
 from serve_app.api.pipeline import Pipeline, ReadBody, RequestContext
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.engines.base import ENGINE_OPTIONS
+from serve_app.engines.base import capabilities
 from serve_app.errors import APIError
 from serve_app.model_state import ModelStateCache
 from serve_app.openapi import openapi_document
-from serve_app.protocol import GenerateDelta, GenerateRequest
+from serve_app.protocol import EmbedRequest, EmbedResult, GenerateDelta, GenerateRequest
+from serve_app.workflows.base import UsageSink, WorkflowConfig, derived_status
 
 log = logging.getLogger("hpcserve.ingress")
 
 ENDPOINTS: tuple[Endpoint, ...] = (models.LIST, models.GET, chat.ENDPOINT,
-                                   completions.ENDPOINT, *files.ENDPOINTS, *batches.ENDPOINTS)
+                                   completions.ENDPOINT, embeddings.ENDPOINT, *files.ENDPOINTS,
+                                   *batches.ENDPOINTS)
 
 
 class OpenAIServer:
-    """The routes and request handling; ``_engine_stream`` is the subclass's."""
+    """The routes and request handling; ``_engine_stream`` and ``_embed`` are the
+    subclass's (errors the client caused raised as ``APIError``)."""
 
     COLD_START_WAIT = False  # a subclass whose engine may have no replica sets it
 
@@ -51,9 +55,11 @@ class OpenAIServer:
         self.config = AppConfig.model_validate(config)
         self.batch = batch  # the BatchService handle (serve_app.batch), if enabled
         self.models = {m.name: m for m in self.config.models}
+        self.workflows = {w.name: w for w in self.config.workflows}  # routed ingress only
         self.created = int(time.time())
         self.model_state = ModelStateCache()
-        before, after = access_steps(self.config, ledger, self.models)
+        served = {**self.models, **self.workflows}  # every name a client may ask for
+        before, after = access_steps(self.config, ledger, served)
         self.pipeline = Pipeline([*before, ReadBody(self.config.max_request_bytes),
                                   AuthorizeModel(self.model_config), *after])
         self._openapi: bytes | None = None
@@ -61,24 +67,40 @@ class OpenAIServer:
     def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         raise NotImplementedError
 
+    def _workflow_stream(self, req: GenerateRequest, on_usage: UsageSink | None = None
+                         ) -> AsyncIterator[list[GenerateDelta]]:
+        """A workflow's stream (``req.model`` names it); ``on_usage`` hears the usage of
+        its steps so far.  The routed ingress's: configs with workflows use it."""
+        raise NotImplementedError
+
+    async def _embed(self, req: EmbedRequest) -> EmbedResult:
+        raise NotImplementedError
+
     async def handle(self, request: Request, endpoint: Endpoint) -> Response:
         ctx = RequestContext(request, endpoint)
         return await self.pipeline.run(ctx, lambda c: endpoint.handle(self, c))
 
     # ---- what endpoints ask -----------------------------------------------
-    def visible_models(self, principal: Any) -> list[ModelConfig]:
-        return [m for m in self.config.models
+    def visible_models(self, principal: Any) -> list[ModelConfig | WorkflowConfig]:
+        return [m for m in (*self.config.models, *self.config.workflows)
                 if principal is None or principal.may_use(m.name)]
 
-    def model_config(self, name: str, principal: Any) -> ModelConfig:
-        """The model's config, or the same 404 whether it does not exist or the caller
-        may not use it (never which models exist beyond the caller's)."""
-        cfg = self.models.get(name)
+    def model_config(self, name: str, principal: Any) -> ModelConfig | WorkflowConfig:
+        """The model's (or workflow's) config, or the same 404 whether it does not exist
+        or the caller may not use it (never which models exist beyond the caller's)."""
+        cfg = self.models.get(name) or self.workflows.get(name)
         if cfg is None or (principal is not None and not principal.may_use(name)):
             visible = sorted(m.name for m in self.visible_models(principal))
             raise APIError(404, f"The model '{name}' does not exist. Available: {visible}.",
                            param="model", code="model_not_found")
         return cfg
+
+    def model_status(self, name: str) -> dict | None:
+        """A model's live state; a workflow's, derived from those of its models."""
+        workflow = self.workflows.get(name)
+        if workflow is None:
+            return self.model_state.status(name)
+        return derived_status(workflow, self.model_state.status)
 
     # ---- routes outside the pipeline --------------------------------------
     async def health(self) -> Response:
@@ -86,12 +108,14 @@ class OpenAIServer:
 
     async def openapi(self) -> Response:
         if self._openapi is None:
-            models_ = self.config.models
-            options = set().union(*(ENGINE_OPTIONS[m.engine] for m in models_))
-            limits = [m.max_model_len for m in models_]
+            generators = [m for m in self.config.models if m.task == "generate"]
+            options = set().union(*(capabilities(m.engine).options for m in generators))
+            limits = [m.max_model_len for m in generators]
             self._openapi = orjson.dumps(openapi_document(
-                list(self.models), self.config.authenticated, engine_options=options,
-                max_tokens=None if None in limits else max(limits) - 1))
+                [*(m.name for m in generators), *self.workflows], self.config.authenticated,
+                engine_options=options,
+                max_tokens=None if None in limits or not limits else max(limits) - 1,
+                embedding_models=[m.name for m in self.config.models if m.task == "embed"]))
         return Response(self._openapi, media_type="application/json")
 
 

@@ -490,7 +490,8 @@ class BatchRun:
                 "request_id": f"{req.request_id}-{uuid.uuid4().hex[:8]}"})
             try:
                 self.engine_requests += 1
-                return await whole_answer(_timed(handle.generate.remote(attempt_req), pace))
+                stream = _timed(handle.generate.remote(attempt_req), pace)
+                return (await whole_answer(stream))[:4]  # no workflow extension: models only
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

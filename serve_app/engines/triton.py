@@ -1,4 +1,4 @@
-"""``TritonEngine``: a Serve replica that relays to a Triton Inference Server.
+"""``TritonEngine``: relays to a Triton Inference Server (generation only).
 
 Triton's LLM backends (vLLM, TensorRT-LLM) and custom Python-backend models all
 take text in and stream text out, but they differ in tensor names, in how sampling
@@ -30,7 +30,6 @@ fails once the server is dead so Serve replaces this replica.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -38,9 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from ray import serve
 
-from serve_app.engines.coalesce import coalesce
 from serve_app.engines.triton_requests import (
     TritonEngineArgs,
     decode_outputs,
@@ -59,12 +56,10 @@ class TritonUnavailable(ConnectionError):
     """The server is gone or failed: retry elsewhere (the ingress does, as a RayError)."""
 
 
-@serve.deployment
 class TritonEngine:
-    def __init__(self, model_name: str, stream_interval_ms: float = 0.0, **engine_args: Any):
+    def __init__(self, model_name: str, args: TritonEngineArgs, task: str = "generate"):
         self.model_name = model_name
-        self.stream_interval_s = stream_interval_ms / 1000
-        self.args = args = TritonEngineArgs.model_validate(engine_args)
+        self.args = args
         self.triton_model = args.triton_model or model_name
         self.server = None
         tokenizer = args.tokenizer
@@ -87,7 +82,6 @@ class TritonEngine:
                 backend_directory=args.backend_directory, python_env=args.python_env,
                 extra_args=args.server_args, env=args.server_env, run_dir=run_dir,
                 startup_timeout=args.startup_timeout_s)
-            atexit.register(self.server.stop)  # a replica that exits without __del__
             self.url = self.server.grpc_url if args.protocol == "grpc" else self.server.http_url
         else:
             self.url = args.url.removeprefix("http://")
@@ -97,14 +91,14 @@ class TritonEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.max_model_len = args.max_model_len or _context_length(tokenizer, self.tokenizer)
         self._grpc = self._http = None
-        self._wait_ready(args.startup_timeout_s)
+        try:
+            self._wait_ready(args.startup_timeout_s)
+        except BaseException:
+            self.shutdown()  # the deployment never got to own it
+            raise
 
     # ---- the engine interface ------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
-        async for chunk in coalesce(self._generate(request), self.stream_interval_s):
-            yield chunk
-
-    async def _generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         prompt, n_prompt, n_client_prompt = render_request_prompt(
             request, self.tokenizer, self.model_name, self.max_model_len)
         max_tokens = request.sampling.max_tokens
@@ -154,13 +148,11 @@ class TritonEngine:
         return {"url": self.url, "server_pid": self.server.pid if self.server else None,
                 "triton_model": self.triton_model}
 
-    def __del__(self) -> None:
-        """Serve calls this on graceful shutdown: stop the server this replica started."""
-        server = getattr(self, "server", None)
+    def shutdown(self) -> None:
+        """Stop the server this replica started (one given by url stays)."""
+        server, self.server = getattr(self, "server", None), None
         if server is not None:
             server.stop()
-            atexit.unregister(server.stop)
-            self.server = None
 
     # ---- transports -------------------------------------------------------------
     async def _grpc_stream(self, rid: str, tensors) -> AsyncIterator[dict[str, Any]]:

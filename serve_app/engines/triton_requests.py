@@ -37,30 +37,43 @@ class TritonEngineArgs(BaseModel):
     model_repository: str | None = Field(None, description="start tritonserver on this repo")
     triton_model: str | None = Field(None, description="model name inside Triton "
                                      "(default: the hpcserve model name)")
-    protocol: Literal["grpc", "http"] = "grpc"
+    protocol: Literal["grpc", "http"] = Field("grpc", description=(
+        "grpc: one stream_infer stream per request; http: generate_stream (SSE)"))
     binary: str | None = Field(None, description="default: the one inside nvidia-pytriton")
-    host: str = "127.0.0.1"
-    http_port: int | None = None
-    grpc_port: int | None = None
-    metrics_port: int | None = None
-    backend_directory: str | None = None
+    host: str = Field("127.0.0.1", description="where a started server listens")
+    http_port: int | None = Field(None, description="a started server's ports (free ones "
+                                  "when unset; metrics off without metrics_port)")
+    grpc_port: int | None = Field(None, description="as http_port")
+    metrics_port: int | None = Field(None, description="as http_port")
+    backend_directory: str | None = Field(None, description="tritonserver --backend-directory")
     python_env: str | None = Field(None, description="env whose python the Python-backend "
                                    "stub uses (needs numpy<2 with Triton 2.51)")
-    server_args: list[str] = Field(default_factory=list)
-    server_env: dict[str, str] = Field(default_factory=dict)
-    startup_timeout_s: float = 600.0
-    request_timeout_s: float = 600.0
+    server_args: list[str] = Field(default_factory=list, description="extra tritonserver flags")
+    server_env: dict[str, str] = Field(default_factory=dict, description=(
+        "extra environment of a started server"))
+    startup_timeout_s: float = Field(600.0, description="wait this long for server and model")
+    request_timeout_s: float = Field(600.0, description="one request's stream at most")
     # the model's conventions
     tokenizer: str | None = Field(None, description="HF tokenizer dir for chat templates")
-    max_model_len: int | None = None
-    stream: bool = True
-    sampling: Literal["json", "tensors"] = "json"
-    output_mode: Literal["delta", "cumulative"] = "delta"
-    batch_dim: bool = False
-    inputs: dict[str, str | None] = Field(default_factory=dict)
-    outputs: dict[str, str | None] = Field(default_factory=dict)
-    sampling_keys: dict[str, str | None] = Field(default_factory=dict)
-    extra_inputs: dict[str, bool | int | float | str] = Field(default_factory=dict)
+    max_model_len: int | None = Field(None, description=(
+        "prompt + max_tokens limit (default: config.json next to the tokenizer)"))
+    stream: bool = Field(True, description="the stream input; false for non-decoupled models")
+    sampling: Literal["json", "tensors"] = Field("json", description=(
+        "json: one sampling_parameters tensor (vLLM backend); tensors: one per parameter "
+        "(TensorRT-LLM)"))
+    output_mode: Literal["delta", "cumulative"] = Field("delta", description=(
+        "what each streamed response holds: new text, or all text so far"))
+    batch_dim: bool = Field(False, description="a leading batch dimension of 1 on every "
+                            "tensor (models with max_batch_size > 0)")
+    inputs: dict[str, str | None] = Field(default_factory=dict, description=(
+        "rename inputs; null drops one the model lacks"))
+    outputs: dict[str, str | None] = Field(default_factory=dict, description=(
+        "names of the outputs to read (text_output, finish_reason, num_output_tokens)"))
+    sampling_keys: dict[str, str | None] = Field(default_factory=dict, description=(
+        "rename a sampling parameter; null: not sent"))
+    extra_inputs: dict[str, bool | int | float | str] = Field(default_factory=dict,
+                                                              description=(
+        "constant inputs sent with every request"))
 
     @model_validator(mode="after")
     def _defaults(self) -> TritonEngineArgs:

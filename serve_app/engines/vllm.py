@@ -1,8 +1,13 @@
-"""``VLLMEngine``: a Serve replica running vLLM's ``AsyncLLM`` in its own process.
+"""``VLLMEngine``: vLLM's ``AsyncLLM`` inside the replica's process.
 
 Why in-process (unlike the ZMQ engine): ``AsyncLLM`` already keeps the model in a
 separate EngineCore process and only detokenizes and streams in the caller, so the
 replica is a thin async front and one hop is saved.
+
+With ``task: embed`` the engine runs vLLM's pooling runner (``runner: pooling``
+unless given): each input becomes one ``AsyncLLM.encode`` request and vLLM's
+scheduler batches concurrent ones; pooling comes from the model's
+sentence-transformers config, as vLLM reads it.
 
 Requests go through the same code path as vLLM's OpenAI server: vLLM's
 ``ChatCompletionRequest``/``CompletionRequest`` models, its ``OnlineRenderer`` (chat
@@ -11,38 +16,36 @@ makes output match bare vLLM token for token, and vLLM's own validation errors
 reach the client as 4xx.
 
 ``engine_args`` are vLLM's ``AsyncEngineArgs`` (the api_server flags with
-underscores) plus a few replica-level options (``SERVING_ARGS``).  With no
-``model`` the replica serves hpcserve's tiny model with small CPU-friendly defaults.
+underscores) plus a few replica-level options (``VLLMEngineArgs``'s own fields),
+checked at deploy time (``serve_app.engines.args``).  With no ``model`` the replica
+serves hpcserve's tiny model with small CPU-friendly defaults.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import dataclasses
-import difflib
 import logging
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ray import serve
-
-from serve_app.engines.coalesce import coalesce
-from serve_app.protocol import EngineError, GenerateDelta, GenerateRequest, Usage
+from serve_app.engines.args import VLLMEngineArgs
+from serve_app.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    EngineError,
+    GenerateDelta,
+    GenerateRequest,
+    Usage,
+)
 
 log = logging.getLogger("hpcserve.engines.vllm")
 
 # Handled by the replica itself, not by AsyncEngineArgs.
-SERVING_ARGS = {
-    "env",                          # env vars set before vLLM starts (VLLM_CPU_KVCACHE_SPACE, ...)
-    "chat_template",                # path or literal, as api_server's --chat-template
-    "chat_template_content_format",  # as --chat-template-content-format (default auto)
-    "default_chat_template_kwargs",  # as --default-chat-template-kwargs
-    "engine_metrics",               # vLLM's vllm:* metrics through Ray to Prometheus (default true)
-}
+SERVING_ARGS = VLLMEngineArgs.serving_names()
 # For the tiny model only (no `model` given): it must start on a 2-core CPU box.
 TINY_MODEL_DEFAULTS = {"max_model_len": 2048, "enforce_eager": True,
                        "kv_cache_memory_bytes": 64 * 1024 * 1024}
@@ -73,26 +76,13 @@ class EngineStartError(RuntimeError):
     """vLLM failed to start twice (the first failure may be a known flake)."""
 
 
-def split_engine_args(model_name: str, engine_args: dict[str, Any]
+def split_engine_args(model_name: str, engine_args: dict[str, Any], task: str = "generate"
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(AsyncEngineArgs kwargs, replica options); unknown names raise ValueError.
+    """(AsyncEngineArgs kwargs, replica options) with hpcserve's defaults filled in.
 
-    Done before anything starts so a typo in the config is named, with the closest
-    valid spelling, instead of surfacing as a TypeError deep in vLLM.
+    The names were checked with the config (``VLLMEngineArgs``), so a typo was named
+    at deploy time instead of surfacing as a TypeError deep in vLLM.
     """
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    unknown = sorted(set(engine_args) - known - SERVING_ARGS)
-    if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, known | SERVING_ARGS, n=1)
-            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise ValueError(
-            f"models[{model_name}].engine_args: unknown vLLM engine argument(s) "
-            f"{', '.join(hints)}. Valid names are AsyncEngineArgs fields (vLLM api_server "
-            f"flags with '_' for '-') or {sorted(SERVING_ARGS)}.")
     vllm_kwargs = {k: v for k, v in engine_args.items() if k not in SERVING_ARGS}
     serving = {k: v for k, v in engine_args.items() if k in SERVING_ARGS}
     if "model" not in vllm_kwargs:
@@ -104,12 +94,12 @@ def split_engine_args(model_name: str, engine_args: dict[str, Any]
                 vllm_kwargs.setdefault(key, value)
         serving["env"] = {**SMALL_NODE_ENV, **serving.get("env", {})}
     vllm_kwargs.setdefault("served_model_name", model_name)
-    vllm_kwargs.setdefault("stream_interval", DEFAULT_STREAM_INTERVAL_TOKENS)
+    if task == "embed":
+        vllm_kwargs.setdefault("runner", "pooling")
+    else:
+        vllm_kwargs.setdefault("stream_interval", DEFAULT_STREAM_INTERVAL_TOKENS)
     vllm_kwargs.setdefault("disable_log_stats", True)  # see stat_loggers()
     serving.setdefault("engine_metrics", True)
-    if not isinstance(serving["engine_metrics"], bool):
-        raise ValueError(f"models[{model_name}].engine_args.engine_metrics: must be true or "
-                         f"false, got {serving['engine_metrics']!r}")
     return vllm_kwargs, serving
 
 
@@ -123,6 +113,27 @@ def stat_loggers(engine_metrics: bool) -> list[Any] | None:
         return None
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
     return [RayPrometheusStatLogger]
+
+
+def embed_batch_logger(batches: Counter) -> Any:
+    """A vLLM stat logger counting embedding requests finished per engine step into
+    ``batches`` (a pooling request finishes in the step that runs it, so this is
+    the batch size vLLM's scheduler chose)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class EmbedBatches(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                   engine_idx: int = 0):
+            if iteration_stats is not None and iteration_stats.finished_requests:
+                batches[len(iteration_stats.finished_requests)] += 1
+
+        def log_engine_initialized(self):
+            pass
+
+    return EmbedBatches
 
 
 def start_engine(engine_args: Any, model_name: str, loggers: list[Any] | None = None):
@@ -151,23 +162,31 @@ def start_engine(engine_args: Any, model_name: str, loggers: list[Any] | None = 
     raise AssertionError("unreachable")
 
 
-@serve.deployment
 class VLLMEngine:
-    def __init__(self, model_name: str, stream_interval_ms: float = 0.0, **engine_args: Any):
+    def __init__(self, model_name: str, args: VLLMEngineArgs, task: str = "generate"):
         from vllm.engine.arg_utils import AsyncEngineArgs
+
+        self.model_name = model_name
+        self.task = task
+        self.aborted = 0  # requests freed before they finished (client gone or failed)
+        self.embed_batches: Counter[int] = Counter()
+        vllm_kwargs, serving = split_engine_args(
+            model_name, args.model_dump(exclude_unset=True), task)
+        for key, value in {**_DEFAULT_ENV, **serving.get("env", {})}.items():
+            if key in serving.get("env", {}) or key not in os.environ:
+                os.environ[key] = str(value)
+        loggers = stat_loggers(serving["engine_metrics"])
+        if task == "embed":
+            loggers = [*(loggers or ()), embed_batch_logger(self.embed_batches)]
+        self.engine = start_engine(AsyncEngineArgs(**vllm_kwargs), model_name, loggers)
+        if task == "generate":
+            self._init_generation(serving)
+
+    def _init_generation(self, serving: dict[str, Any]) -> None:
         from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
         from vllm.renderers.chat_utils import load_chat_template
         from vllm.renderers.online_renderer import OnlineRenderer
 
-        self.model_name = model_name
-        self.stream_interval_s = stream_interval_ms / 1000
-        vllm_kwargs, serving = split_engine_args(model_name, engine_args)
-        for key, value in {**_DEFAULT_ENV, **serving.get("env", {})}.items():
-            if key in serving.get("env", {}) or key not in os.environ:
-                os.environ[key] = str(value)
-        self.engine = start_engine(AsyncEngineArgs(**vllm_kwargs), model_name,
-                                   stat_loggers(serving["engine_metrics"]))
-        atexit.register(self._shutdown)  # a replica that exits without __del__
         mc = self.engine.model_config
         self._get_max_tokens = get_max_tokens
         self.renderer = OnlineRenderer(
@@ -176,7 +195,6 @@ class VLLMEngine:
             chat_template_content_format=serving.get("chat_template_content_format", "auto"),
             default_chat_template_kwargs=serving.get("default_chat_template_kwargs"))
         self.renderer.warmup()
-        self.aborted = 0  # requests freed before they finished (client gone or failed)
         # As vLLM's OpenAIServingChat/Completion: the model's generation_config
         # defaults, and its max_tokens override.
         self.default_sampling = mc.get_diff_sampling_param()
@@ -187,10 +205,6 @@ class VLLMEngine:
 
     # ---- generation ---------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
-        async for chunk in coalesce(self._generate(request), self.stream_interval_s):
-            yield chunk
-
-    async def _generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         from vllm.sampling_params import RequestOutputKind
 
         from serve_app.engines.vllm_requests import (
@@ -282,14 +296,61 @@ class VLLMEngine:
             raise
         return engine_input, prompt_len, sampling
 
+    # ---- embeddings ---------------------------------------------------------
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """One ``encode`` request per input, all at once: vLLM's scheduler batches
+        them with every other request's."""
+        import numpy as np
+        from vllm.pooling_params import PoolingParams
+
+        from serve_app.embed_inputs import check_dimensions, check_inputs, token_ids
+        from serve_app.engines.vllm_requests import engine_error
+
+        mc = self.engine.model_config
+        check_dimensions(request.dimensions, mc.get_hidden_size(), bool(mc.is_matryoshka),
+                         mc.matryoshka_dimensions)
+        inputs = token_ids(self.engine.renderer.get_tokenizer(), request.inputs)
+        check_inputs(inputs, mc.max_model_len, mc.get_vocab_size())
+        params = PoolingParams(task="embed", dimensions=request.dimensions)
+        base = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            prompts = await self.engine.renderer.render_cmpl_async(
+                [{"prompt_token_ids": ids} for ids in inputs])
+            rows = await asyncio.gather(*(self._encode(prompt, params, f"{base}-{i}")
+                                          for i, prompt in enumerate(prompts)))
+        except Exception as exc:
+            err = engine_error(exc, chat=False)
+            if err is None:
+                raise
+            if err.param in (None, "prompt"):
+                err.param = "input"
+            raise err from None
+        return EmbedResult(embeddings=np.stack(rows).astype(np.float32, copy=False),
+                           prompt_tokens=sum(len(ids) for ids in inputs))
+
+    async def _encode(self, prompt: Any, params: Any, request_id: str):
+        finished = False
+        try:
+            async for out in self.engine.encode(prompt, params, request_id):
+                finished = out.finished
+                data = out.outputs.data
+            return data.float().cpu().numpy()
+        finally:
+            if not finished:  # cancelled (client gone) or failed: free it now
+                self.aborted += 1
+                await _abort_quietly(self.engine, request_id)
+
     # ---- control ------------------------------------------------------------
     async def model_info(self) -> dict[str, Any]:
         import vllm
 
         mc = self.engine.model_config
-        return {"model": self.model_name, "max_model_len": mc.max_model_len, "engine": "vllm",
+        info = {"model": self.model_name, "max_model_len": mc.max_model_len, "engine": "vllm",
                 "engine_model": mc.model, "dtype": str(mc.dtype),
                 "vllm_version": vllm.__version__}
+        if self.task == "embed":
+            info["dimensions"] = mc.get_hidden_size()
+        return info
 
     async def check_health(self) -> None:
         """Raises when the EngineCore process died, so Serve replaces this replica."""
@@ -301,24 +362,20 @@ class VLLMEngine:
     async def stats(self) -> dict[str, Any]:
         """``running``: requests the engine still holds (unfinished, incl. queued);
         ``aborted``: requests this replica freed before they finished."""
-        return {"engine": "vllm", "running": self.engine.get_num_unfinished_requests(),
-                "aborted": self.aborted,
-                "queued_tokens": self.engine.get_num_queued_tokens(),
-                "errored": self.engine.errored}
+        stats = {"engine": "vllm", "running": self.engine.get_num_unfinished_requests(),
+                 "aborted": self.aborted,
+                 "queued_tokens": self.engine.get_num_queued_tokens(),
+                 "errored": self.engine.errored}
+        if self.task == "embed":  # string keys, as the ZMQ engine's
+            stats["embed_batches_by_size"] = {
+                str(k): v for k, v in sorted(self.embed_batches.items())}
+        return stats
 
-    def _shutdown(self) -> None:
-        engine = getattr(self, "engine", None)
+    def shutdown(self) -> None:
+        """Stop the EngineCore process."""
+        engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
-            self.engine = None
-            try:
-                engine.shutdown()
-            except Exception:  # noqa: BLE001 - best effort at exit
-                log.exception("vLLM engine shutdown failed")
-
-    def __del__(self) -> None:
-        """Serve calls this on graceful shutdown: stop the EngineCore process."""
-        self._shutdown()
-        atexit.unregister(self._shutdown)
+            engine.shutdown()
 
 
 async def _abort_quietly(engine: Any, request_id: str) -> None:

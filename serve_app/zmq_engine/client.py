@@ -28,7 +28,13 @@ import zmq
 import zmq.asyncio
 
 from serve_app.processes import free_port, terminate
-from serve_app.protocol import EngineError, GenerateDelta, GenerateRequest
+from serve_app.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    EngineError,
+    GenerateDelta,
+    GenerateRequest,
+)
 from serve_app.zmq_engine import wire
 from serve_app.zmq_engine.server import EXIT_ADDRESS_IN_USE
 
@@ -141,6 +147,29 @@ class EngineClient:
             if not done and self._socket is not None:
                 self._send_nowait({"type": wire.ABORT, "request_id": rid})
 
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Embed a request's inputs (the engine batches them with other requests')."""
+        sock = self._connect()
+        rid = self._next_id()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._calls[rid] = future
+        answered = False
+        try:
+            await sock.send(wire.encode({**wire.embed_message(request), "request_id": rid}))
+            while not future.done():  # a long queue is fine; a dead engine is not
+                try:
+                    await asyncio.wait_for(asyncio.shield(future), self.stall_timeout)
+                except TimeoutError:
+                    await self.health(self.health_timeout)
+            message, answered = future.result(), True
+        finally:
+            self._calls.pop(rid, None)
+            if not answered and self._socket is not None:
+                self._send_nowait({"type": wire.ABORT, "request_id": rid})
+        if message["type"] == wire.ERROR:
+            _raise_for_error(message)
+        return wire.embedding_from_message(message)
+
     async def _wait(self, inbox: asyncio.Queue[dict[str, Any]]) -> dict[str, Any]:
         while True:
             try:
@@ -176,7 +205,8 @@ class EngineClient:
 
     async def model_info(self, timeout: float = 10.0) -> dict[str, Any]:
         reply = await self._call(wire.INFO, timeout)
-        return {"model": reply.get("model"), "max_model_len": reply.get("max_model_len")}
+        return {"model": reply.get("model"), "max_model_len": reply.get("max_model_len"),
+                "task": reply.get("task") or "generate", "dimensions": reply.get("dimensions")}
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -225,8 +255,8 @@ class EngineProcess:
     @classmethod
     def spawn(cls, model_dir: str | Path, host: str = "127.0.0.1", port: int | None = None, *,
               max_batch: int = 32, max_model_len: int | None = None, threads: int | None = None,
-              extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-              startup_timeout: float = 300.0, watch_parent: bool = True) -> EngineProcess:
+              task: str = "generate", extra_args: Sequence[str] = (),
+              env: dict[str, str] | None = None, startup_timeout: float = 300.0, watch_parent: bool = True) -> EngineProcess:
         """Start ``serve_app.zmq_engine.server`` in its own session and wait for health.
 
         With ``port=None`` a free port is picked (and re-picked if another process took
@@ -236,7 +266,8 @@ class EngineProcess:
         for attempt in range(3):
             address = f"tcp://{host}:{port or free_port(host)}"
             cmd = [sys.executable, "-m", "serve_app.zmq_engine.server", "--model", str(model_dir),
-                   "--bind", address, "--max-batch", str(max_batch), *extra_args]
+                   "--bind", address, "--max-batch", str(max_batch), "--task", task,
+                   *extra_args]
             if max_model_len:
                 cmd += ["--max-model-len", str(max_model_len)]
             if threads:

@@ -1,8 +1,10 @@
 """The ZMQ engine process: a ROUTER socket in front of a ``Batcher``.
 
 Run ``python -m serve_app.zmq_engine.server --model DIR --bind tcp://127.0.0.1:PORT``.
-Any model directory that ``AutoModelForCausalLM`` loads works.  The wire protocol is
-documented in ``serve_app.zmq_engine.wire``.
+Any model directory that ``AutoModelForCausalLM`` loads works; with ``--task embed``
+one that ``AutoModel`` loads, served by an ``Embedder`` (pooling as its
+sentence-transformers config says).  The wire protocol is documented in
+``serve_app.zmq_engine.wire``.
 
 Two threads, because a decode step must never wait for the network and a health
 check must never wait for a decode step: the main thread owns the ROUTER socket
@@ -104,7 +106,7 @@ class EngineServer:
 
     def _handle(self, identity: bytes, message: dict[str, Any]) -> None:
         kind, rid = message["type"], message.get("request_id")
-        if kind in (wire.SUBMIT, wire.ABORT):
+        if kind in (wire.SUBMIT, wire.EMBED, wire.ABORT):
             self._inbox.put((kind, identity, message))
         elif kind == wire.HEALTH:
             ok, detail = self._health()
@@ -117,6 +119,8 @@ class EngineServer:
             self._reply(identity, {
                 "type": wire.INFO_REPLY, "request_id": rid, "model": self.model_name,
                 "max_model_len": self.batcher.max_model_len if self.batcher else None,
+                "task": getattr(self.batcher, "task", "generate"),
+                "dimensions": getattr(self.batcher, "dimensions", None),
                 "protocol_version": wire.PROTOCOL_VERSION})
         else:
             self._reply(identity, wire.error_message(rid, f"unknown message type {kind!r}",
@@ -158,8 +162,8 @@ class EngineServer:
                     log.error("decode step failed:\n%s", traceback.format_exc())
                     self._fail(push, batcher.fail_all(), "the engine failed during generation", 500)
                     continue
-                for (identity, rid), delta in events:
-                    push.send_multipart([identity, wire.encode(wire.delta_message(rid, delta))])
+                for (identity, rid), event in events:
+                    push.send_multipart([identity, wire.encode(wire.event_message(rid, event))])
             self._fail(push, batcher.fail_all(), "the engine is shutting down", 503)
         finally:
             push.close(linger=1000)
@@ -174,19 +178,26 @@ class EngineServer:
             rid = str(message.get("request_id"))
             key: Hashable = (identity, rid)
             if kind == wire.ABORT:
-                for _, delta in self.batcher.abort(key):
-                    push.send_multipart([identity, wire.encode(wire.delta_message(rid, delta))])
+                for _, event in self.batcher.abort(key):
+                    push.send_multipart([identity, wire.encode(wire.event_message(rid, event))])
             else:
-                self._submit(push, key, message)
+                self._submit(push, key, kind, message)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _submit(self, push: zmq.Socket, key: tuple[bytes, str], message: dict[str, Any]) -> None:
+    def _submit(self, push: zmq.Socket, key: tuple[bytes, str], kind: str,
+                message: dict[str, Any]) -> None:
         identity, rid = key
+        task = getattr(self.batcher, "task", "generate")
         try:
-            request = wire.request_from_submit(message, self.model_name)
+            if (kind == wire.EMBED) != (task == "embed"):
+                raise EngineError(f"this engine serves task '{task}': it takes "
+                                  f"{'embed' if task == 'embed' else 'submit'} messages",
+                                  status=400, param="type", code="unsupported_task")
+            request = (wire.embed_request_from_message if kind == wire.EMBED
+                       else wire.request_from_submit)(message, self.model_name)
             self.batcher.add(key, request)
         except EngineError as exc:
             error = wire.error_message(rid, exc.message, status=exc.status, param=exc.param,
@@ -203,13 +214,17 @@ class EngineServer:
             push.send_multipart([identity, wire.encode(error)])
 
 
-def _load(model_dir: str, dtype_name: str, max_batch: int, max_model_len: int | None):
+def _load(model_dir: str, dtype_name: str, max_batch: int, max_model_len: int | None,
+          task: str = "generate"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serve_app.zmq_engine.batcher import Batcher
 
     dtype = "auto" if dtype_name == "auto" else getattr(torch, dtype_name)
+    if task == "embed":
+        from serve_app.zmq_engine.embedder import load_embedder
+        return load_embedder(model_dir, dtype, max_batch, max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     return Batcher(model, tokenizer, max_batch=max_batch, max_model_len=max_model_len)
@@ -219,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="hpcserve's ZeroMQ engine process")
     parser.add_argument("--model", required=True, help="a model directory transformers loads")
     parser.add_argument("--bind", required=True, help="ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555")
-    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="sequences decoded together; inputs per embedding forward pass")
+    parser.add_argument("--task", default="generate", choices=["generate", "embed"])
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--model-name", default=None, help="default: the model dir's name")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
@@ -256,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    batcher = _load(args.model, args.dtype, args.max_batch, args.max_model_len)
+    batcher = _load(args.model, args.dtype, args.max_batch, args.max_model_len, args.task)
     if stopping.is_set():
         return 0
-    log.info("serving %s on %s (max_batch=%d, max_model_len=%d)", args.model, args.bind,
-             args.max_batch, batcher.max_model_len)
+    log.info("serving %s (%s) on %s (max_batch=%d, max_model_len=%d)", args.model, args.task,
+             args.bind, args.max_batch, batcher.max_model_len)
     server.serve(batcher, watch_pid=args.watch_pid)
     if server.generation_alive():  # stuck in a forward pass: don't hang in context.term()
         log.error("the generation thread did not stop; exiting hard")

@@ -27,6 +27,12 @@ Client → engine
     and optionally (OpenAI's semantics, over the generated tokens; nil or absent = none)
     ``presence_penalty`` and ``frequency_penalty`` (numbers in [-2, 2]) and
     ``logit_bias`` (map of token id as a decimal string to a number in [-100, 100]).
+``embed``    ``{type, request_id, inputs, dimensions}`` (an engine started with
+    ``--task embed``): ``inputs`` is a list whose items are each a text (tokenized by
+    the engine, special tokens included) or a list of token ids (used as they are);
+    ``dimensions`` is nil or the length the client wants (Matryoshka models only).
+    The engine batches the inputs of concurrent ``embed`` requests into shared
+    forward passes and answers each request with one ``embedding`` or ``error``.
 ``abort``    ``{type, request_id}``: stop generating and free the request.  The engine
     answers with a final ``delta`` whose ``finish_reason`` is ``"abort"`` if the
     request was still known; aborting an unknown id is not an error.
@@ -42,6 +48,9 @@ Engine → client
     in a later delta).  The last delta of a request has ``finish_reason`` in
     ``"stop" | "length" | "abort" | "error"`` and ``usage = {prompt_tokens,
     completion_tokens}``; earlier deltas have both nil.
+``embedding``    ``{type, request_id, data, shape, prompt_tokens}``: ``data`` is the
+    embeddings as little-endian float32 bytes, row-major, ``shape`` is ``[inputs,
+    dimensions]`` and ``prompt_tokens`` counts the tokens of all inputs.
 ``error``        ``{type, request_id, message, status, param, code}``
     The request failed and is finished.  ``status`` is the HTTP status the error
     deserves (400: the request's fault, e.g. ``code = "context_length_exceeded"``
@@ -50,7 +59,8 @@ Engine → client
     up but cannot generate (its generation loop died).
 ``stats_reply``  ``{type, request_id, stats}``: engine counters, a map (see
     ``Batcher.stats``); ``decode_steps_by_batch_size`` has string keys.
-``info_reply``   ``{type, request_id, model, max_model_len}``
+``info_reply``   ``{type, request_id, model, max_model_len, task, dimensions}``
+    (``task`` is ``"generate"`` or ``"embed"``; ``dimensions`` the embedding size, or nil)
 """
 
 from __future__ import annotations
@@ -58,19 +68,28 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import numpy as np
 
-from serve_app.protocol import GenerateDelta, GenerateRequest, Usage
+from serve_app.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateDelta,
+    GenerateRequest,
+    Usage,
+)
 
 PROTOCOL_VERSION = 1
 # Optional ``sampling`` entries that are ``GenerateRequest.extras`` inside hpcserve.
 OPTIONS = ("presence_penalty", "frequency_penalty", "logit_bias")
 
 SUBMIT = "submit"
+EMBED = "embed"
 ABORT = "abort"
 HEALTH = "health"
 STATS = "stats"
 INFO = "info"
 DELTA = "delta"
+EMBEDDING = "embedding"
 ERROR = "error"
 HEALTH_OK = "health_ok"
 STATS_REPLY = "stats_reply"
@@ -160,6 +179,37 @@ def delta_from_message(message: dict[str, Any]) -> GenerateDelta:
         usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
         if usage else None,
     )
+
+
+def embed_message(request: EmbedRequest) -> dict[str, Any]:
+    return {"type": EMBED, "request_id": request.request_id, "inputs": request.inputs,
+            "dimensions": request.dimensions}
+
+
+def embed_request_from_message(message: dict[str, Any], model: str) -> EmbedRequest:
+    """Validate an ``embed`` frame (raises pydantic errors)."""
+    return EmbedRequest(request_id=str(message.get("request_id")), model=model,
+                        inputs=message.get("inputs"), dimensions=message.get("dimensions"))
+
+
+def embedding_message(request_id: str, result: EmbedResult) -> dict[str, Any]:
+    array = np.ascontiguousarray(result.embeddings, dtype="<f4")
+    return {"type": EMBEDDING, "request_id": request_id, "data": array.tobytes(),
+            "shape": list(array.shape), "prompt_tokens": result.prompt_tokens}
+
+
+def embedding_from_message(message: dict[str, Any]) -> EmbedResult:
+    shape = tuple(int(n) for n in message["shape"])
+    array = np.frombuffer(message["data"], dtype="<f4").reshape(shape)
+    return EmbedResult(embeddings=array.astype(np.float32, copy=False),
+                       prompt_tokens=int(message.get("prompt_tokens") or 0))
+
+
+def event_message(request_id: str, event: GenerateDelta | EmbedResult) -> dict[str, Any]:
+    """What the engine sends for one of its batcher's events."""
+    if isinstance(event, EmbedResult):
+        return embedding_message(request_id, event)
+    return delta_message(request_id, event)
 
 
 def error_message(request_id: str | None, message: str, *, status: int = 500,

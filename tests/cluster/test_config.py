@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cluster.config import load_config
-from serve_app.config import ConfigError
+from serve_app.config import ConfigError, parse_app_config
 
 APP = {"name": "a", "import_path": "serve_app.app:build_app",
        "args": {"models": [{"name": "m"}]}}
@@ -46,6 +46,8 @@ def test_embedded_default_is_valid():
         {"name": "m"}, {"name": "n"}]}}]}, "applications.0.args.ingress"),
     ({"applications": [{**APP, "args": {"ingress": "proxy", "models": [{"name": "m"}]}}]},
      "applications.0.args.ingress"),
+    ({"applications": [{**APP, "args": {"ingress": "direct", "models": [
+        {"name": "m", "autoscaling": {"min_replicas": 0}}]}}]}, "applications.0.args.ingress"),
     ({"applications": [{"name": "a"}]}, "applications.0.import_path"),
     # provider options are typed per provider and checked at load time
     ({"hpcserve": {"pools": [{"name": "p", "provider": "slurm",
@@ -76,6 +78,27 @@ def test_config_error_names_the_field(tmp_path, data, field):
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, data))
     assert field in str(err.value)
+
+
+def test_a_model_that_scales_to_zero_needs_the_routed_ingress(tmp_path):
+    """Explicit ``direct`` could not bound a cold request's wait (cold_start_timeout_s):
+    refused at up/deploy, saying why; ``auto`` picks ``routed`` for it."""
+    cold = {"name": "m", "cold_start_timeout_s": 60, "autoscaling": {"min_replicas": 0}}
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, {"applications": [
+            {**APP, "args": {"ingress": "direct", "models": [cold]}}]}))
+    message = str(err.value)
+    assert "applications.0.args.ingress" in message and "routed ingress" in message
+    assert "min_replicas: 0" in message and "cold_start_timeout_s" in message
+    for ingress in ("auto", "routed"):
+        config = load_config(_write(tmp_path, {"applications": [
+            {**APP, "args": {"ingress": ingress, "models": [cold]}}]}))
+        args = config.serve["applications"][0]["args"]
+        assert parse_app_config(args).ingress_mode == "routed"
+    warm = {**cold, "autoscaling": {"min_replicas": 1}}
+    config = load_config(_write(tmp_path, {"applications": [
+        {**APP, "args": {"ingress": "direct", "models": [warm]}}]}))
+    assert parse_app_config(config.serve["applications"][0]["args"]).ingress_mode == "direct"
 
 
 def test_cli_reports_config_error_without_traceback(tmp_path):
@@ -119,3 +142,38 @@ def test_allow_unauthenticated_is_an_explicit_choice_that_up_warns_about(tmp_pat
                                            "applications": [APP]}))
     (warning,) = config.warnings()
     assert "no API key" in warning and "0.0.0.0" in warning
+
+
+def test_apps_taking_credentials_get_the_heads_access_store(tmp_path):
+    def app(name, **args):
+        return {**APP, "name": name, "route_prefix": f"/{name}",
+                "args": {**APP["args"], **args}}
+    apps = [app("managed", access={"managed_keys": True}),
+            app("oidc", access={"oidc": {"issuer": "https://sso", "audience": "hpcserve",
+                                         "jwks_file": "/etc/jwks.json"}}),
+            app("static", api_keys=["k1"]),
+            app("own", access={"managed_keys": True, "store": "/srv/own.db"}),
+            app("open")]
+    path = _write(tmp_path, {"http_options": {"host": "127.0.0.1"}, "applications": apps})
+    config = load_config(path, access_store=tmp_path / "access.db")
+    stores = {a["name"]: (a["args"].get("access") or {}).get("store")
+              for a in config.serve["applications"]}
+    assert stores == {"managed": str(tmp_path / "access.db"),
+                      "oidc": str(tmp_path / "access.db"),
+                      "static": str(tmp_path / "access.db"),
+                      "own": "/srv/own.db", "open": None}
+    with pytest.raises(ConfigError, match="access.store: managed_keys needs"):
+        load_config(path)  # `serve deploy`-like: no home, no store
+
+
+def test_managed_keys_or_oidc_alone_may_serve_beyond_loopback(tmp_path):
+    for access in ({"managed_keys": True},
+                   {"oidc": {"issuer": "https://sso", "audience": "a", "jwks_url": "https://j"}}):
+        keyed = {**APP, "args": {**APP["args"], "access": access}}
+        config = load_config(_write(tmp_path, {"http_options": {"host": "192.0.2.7"},
+                                               "applications": [keyed]}),
+                             access_store=tmp_path / "access.db")
+        assert config.authenticated and config.serve["http_options"]["host"] == "0.0.0.0"
+    with pytest.raises(ConfigError, match="access.managed_keys or access.oidc"):
+        load_config(_write(tmp_path, {"http_options": {"host": "192.0.2.7"},
+                                      "applications": [APP]}))

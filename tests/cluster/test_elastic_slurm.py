@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster.state import RETIRED, SERVING, StateStore
+from cluster.state import FAILED, RETIRED, SERVING, StateStore
 from tests.cluster.rotation_support import Clients, elastic_model, wait_until
 
 
@@ -38,7 +38,9 @@ def test_spike_on_slurm_grows_by_a_job_and_gives_it_back(stack):
     assert clients.failures == [], "\n".join(clients.failures[:20])
     wait_until(lambda: len(store.allocations(live_only=True)) == 1, 300, "the pool back at 1")
     allocations = store.allocations()
-    extra = [a for a in allocations if a.submit_time >= started]
+    # a job whose raylet timed out starting (seen at a load average of 14 on 2 cores)
+    # fails and is replaced: not a duplicate
+    extra = [a for a in allocations if a.submit_time >= started and a.phase != FAILED]
     assert len(extra) == 1 and extra[0].provider == "slurm", allocations
     released = [a for a in allocations if a.phase == RETIRED]
     assert len(released) == 1 and "released early" in released[0].reason, released

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from cluster.config import PoolConfig
 from cluster.model_state import model_states
-from cluster.state import QUEUED, SERVING, STARTING, Allocation
+from cluster.pool import Pool
+from cluster.providers.base import Provider, WorkerSpec
+from cluster.state import QUEUED, RETIRED, SERVING, STARTING, Allocation, StateStore
 
 NOW = 50_000.0
 POOLS = [PoolConfig(name="cpu"), PoolConfig(name="gpu", num_gpus=1,
@@ -13,7 +15,8 @@ TINY = {"name": "tiny"}
 BIG = {"name": "big", "num_gpus": 1, "resources": {"a100": 1.0}}
 
 
-def _dep(target: int, *states: str, node: str = "n1") -> dict:
+def _dep(target: int, *states: str, node: str | None = "n1") -> dict:
+    """``node`` None: the replicas wait for a node (Serve's node_id is unset)."""
     return {"target_num_replicas": target,
             "replicas": [{"state": s, "node_id": node} for s in states]}
 
@@ -25,8 +28,9 @@ def _alloc(pool: str, phase: str, **fields) -> Allocation:
     return a
 
 
-def _state(models, deployments, allocations=(), blocked=None):
-    return model_states(models, deployments, POOLS, allocations, blocked or {}, NOW)
+def _state(models, deployments, allocations=(), blocked=None, expected_starts=None):
+    return model_states(models, deployments, POOLS, allocations, blocked or {}, NOW,
+                        expected_starts)
 
 
 def test_ready_scaling_cold():
@@ -50,10 +54,85 @@ def test_queued_then_starting_follow_the_models_own_pool():
                   [joined])["big"]["state"] == "starting"
 
 
+def test_queued_carries_the_schedulers_expected_start_when_it_gives_one():
+    early, late = _alloc("gpu", QUEUED, id="gpu-a"), _alloc("gpu", QUEUED, id="gpu-b")
+    waiting = {"engine-big": _dep(1, "STARTING", node=None)}
+    big = _state([BIG], waiting, [early, late],
+                 expected_starts={"gpu-a": NOW + 95.4, "gpu-b": NOW + 30.6})["big"]
+    assert big == {"state": "queued", "running_replicas": 0, "target_replicas": 1,
+                   "walltime_left_s": None, "expected_start": round(NOW + 31)}  # the earliest
+    unknown = _state([BIG], waiting, [early, late], expected_starts={})["big"]
+    assert unknown["state"] == "queued" and "expected_start" not in unknown  # N/A: left out
+    # another pool's estimate is not this model's
+    other = _state([TINY], {"engine-tiny": _dep(1, "STARTING", node=None)},
+                   [_alloc("cpu", QUEUED, id="cpu-a"), early],
+                   expected_starts={"gpu-a": NOW + 10})["tiny"]
+    assert other["state"] == "queued" and "expected_start" not in other
+
+
 def test_unavailable_says_why_and_only_for_the_blocked_pool():
     states = _state([TINY, BIG], {"engine-tiny": _dep(1, "RUNNING"),
-                                  "engine-big": _dep(1, "STARTING")},
+                                  "engine-big": _dep(1, "STARTING", node=None)},
                     blocked={"gpu": "budget: demand needs 1.00 node-hours, 0.20 left today"})
     assert states["big"]["state"] == "unavailable"
     assert states["big"]["reason"].startswith("budget")
     assert states["tiny"]["state"] == "ready"
+
+
+def test_unavailable_even_where_the_pool_serves_other_models():
+    """The pool's nodes are full of another model's replicas; this one's waits for a
+    node the pool cannot add: unavailable, not 'starting' for ever."""
+    serving = _alloc("cpu", SERVING, node_id="n1", joined_time=1, end_time=NOW + 600)
+    other = {"name": "other"}  # same resources as tiny: the same pool
+    blocked = {"cpu": "submit failed: sbatch: error: invalid account; next try in 8 s"}
+    states = _state([TINY, other], {"engine-tiny": _dep(1, "RUNNING"),
+                                    "engine-other": _dep(1, "STARTING", node=None)},
+                    [serving], blocked)
+    assert states["other"] == {"state": "unavailable", "running_replicas": 0,
+                               "target_replicas": 1, "walltime_left_s": None,
+                               "reason": blocked["cpu"]}
+    assert states["tiny"]["state"] == "ready"
+    # a replica already placed on a node, or a job on its way: not unavailable
+    placed = _state([other], {"engine-other": _dep(1, "STARTING", node="n1")},
+                    [serving], blocked)["other"]
+    assert placed["state"] == "starting"
+    queued = _state([other], {"engine-other": _dep(1, "STARTING", node=None)},
+                    [serving, _alloc("cpu", QUEUED, id="cpu-q")], blocked)["other"]
+    assert queued["state"] == "starting"  # a node of the pool serves: not 'queued'
+
+
+def test_a_spent_budget_makes_a_waiting_model_unavailable(tmp_path):
+    """Budget at zero (a job ran the whole day's node-hour): the pool submits nothing,
+    says why, and a model whose replica waits for a node is unavailable with that."""
+    config = PoolConfig(name="gpu", min_allocations=0, max_allocations=2, walltime_s=3600,
+                        num_gpus=1, resources={"hpc_slot": 1.0, "a100": 1.0},
+                        max_node_hours_per_day=1.0)
+    store = StateStore(tmp_path / "state.db")
+    store.save(_alloc("gpu", RETIRED, id="gpu-old", start_time=NOW - 7200,
+                      retired_time=NOW - 3600))
+    provider = _NoSubmits()
+    pool = Pool(config, provider, store, WorkerSpec("", "gpu", "127.0.0.1:1", 3600, 60),
+                drain=lambda *_: (True, ""))
+    pool.demand_nodes = 1
+    pool.tick(nodes=[], now=NOW)
+    assert provider.submits == 0
+    reason = pool.blocked(NOW)
+    assert reason.startswith("budget: demand") and "0.00 left today" in reason, reason
+    big = model_states([BIG], {"engine-big": _dep(1, "STARTING", node=None)}, [config],
+                       store.allocations(live_only=True), {"gpu": reason}, NOW)["big"]
+    assert big["state"] == "unavailable" and big["reason"] == reason
+
+
+class _NoSubmits(Provider):
+    name = "fake"
+    submits = 0
+
+    def submit(self, spec):
+        self.submits += 1
+        raise AssertionError("the budget should have held this back")
+
+    def poll(self, job_ids):
+        return {}
+
+    def cancel(self, job_id):
+        pass

@@ -13,9 +13,17 @@ import pytest
 
 from cluster.config import PoolConfig
 from cluster.pool import LeadTime, Pool
-from cluster.providers.base import JobState, ProviderError, WorkerSpec
+from cluster.providers.base import JobInfo, JobState, Provider, ProviderError, WorkerSpec
 from cluster.providers.local import LocalProvider
-from cluster.state import FAILED, QUEUED, STARTING, StateStore
+from cluster.state import (
+    DRAINING,
+    FAILED,
+    QUEUED,
+    SERVING,
+    STARTING,
+    Allocation,
+    StateStore,
+)
 
 
 @pytest.fixture
@@ -220,5 +228,143 @@ def test_budget_of_one_allocation_hour_stops_the_pool_growing_and_says_so(tmp_pa
         from cluster.status import _pool_summary
         summary = _pool_summary(pool.config, store, time.time())
         assert summary["node_hours_left"] <= 0.0 and summary["node_hours_budget"] == 1.0
+    finally:
+        _cancel_all(provider, store)
+
+
+class _Scheduler(Provider):
+    """A scheduler in memory: refuses every submit when told to, gives expected starts,
+    counts the calls."""
+
+    name = "fake"
+
+    def __init__(self, refuse: str = "", start: float | None = None):
+        self.refuse, self.start = refuse, start
+        self.jobs: dict[str, JobState] = {}
+        self.submits = self.asked = 0
+
+    def submit(self, spec):
+        self.submits += 1
+        if self.refuse:
+            raise ProviderError(self.refuse)
+        self.jobs[f"j{self.submits}"] = JobState.PENDING
+        return f"j{self.submits}"
+
+    def poll(self, job_ids):
+        return {j: JobInfo(j, self.jobs.get(j, JobState.UNKNOWN)) for j in job_ids}
+
+    def cancel(self, job_id):
+        self.jobs[job_id] = JobState.CANCELLED
+
+    def expected_start(self, job_id):
+        self.asked += 1
+        return self.start
+
+
+REFUSAL = ("sbatch: error: Batch job submission failed: Invalid account or "
+           "account/partition combination specified")
+
+
+def test_a_refusing_provider_is_retried_with_growing_backoff_and_says_why(tmp_path, script):
+    """Demand waits and every sbatch is refused: tried again after 4, 8, 16, 32 s (not
+    every tick), the reason is the pool's 'blocked', and the allocation that serves
+    from before does not reset the backoff (it proves nothing about submitting)."""
+    pool, _, store = _pool(tmp_path, script, min_allocations=1, max_allocations=2)
+    t0 = time.time()
+    store.save(Allocation(id="p-old", pool="p", provider="fake", job_id="j0", phase=SERVING,
+                          submit_time=t0 - 900, start_time=t0 - 890, joined_time=t0 - 880,
+                          serving_time=t0 - 870, end_time=t0 + 3000))
+    pool.provider = scheduler = _Scheduler(refuse=REFUSAL)
+    scheduler.jobs["j0"] = JobState.RUNNING
+    pool.demand_nodes = 1  # Serve wants a replica more than the serving node holds
+    attempts, reasons = [], set()
+    for second in range(100):  # the control loop's 1 s ticks
+        before = scheduler.submits
+        pool.tick(nodes=None, now=t0 + second)
+        if scheduler.submits > before:
+            attempts.append(second)
+        reasons.add(pool.blocked(t0 + second).split(";")[0])
+    assert attempts == [0, 4, 12, 28, 60], attempts
+    assert reasons == {f"submit failed: {REFUSAL}"}, reasons  # blocked the whole time
+    # also between a backoff's end and the tick that retries (no flicker to 'starting')
+    assert pool.blocked(pool.next_submit_after + 0.5).endswith("; trying again")
+    assert [a.id for a in store.allocations(live_only=True)] == ["p-old"]
+    backoffs = [m for _, _, _, m in store.events(100) if m.startswith("submit failed")]
+    assert [m.rsplit("backoff ", 1)[1] for m in backoffs] == ["4s", "8s", "16s", "32s", "64s"]
+    # the scheduler takes jobs again: one is submitted, the pool is no longer blocked
+    scheduler.refuse = ""
+    pool.tick(nodes=None, now=t0 + 124)
+    assert scheduler.submits == 6 and pool.blocked(t0 + 124) == ""
+    assert len(store.allocations(live_only=True)) == 2
+
+
+def test_expected_start_is_asked_every_10_s_per_queued_job_not_every_tick(tmp_path, script):
+    pool, _, store = _pool(tmp_path, script, min_allocations=1)
+    pool.provider = scheduler = _Scheduler(start=1_900_000_000.0)
+    t0 = float(round(time.time()))
+    for second in range(25):
+        pool.tick(nodes=None, now=t0 + second)
+    (a,) = store.allocations(live_only=True)
+    # submitted at 0 s, asked from the next tick on: at 1, 11 and 21 s
+    assert a.phase == QUEUED and scheduler.asked == 3
+    assert pool.expected_starts == {a.id: 1_900_000_000.0}
+    scheduler.start = None  # the estimate is withdrawn (N/A): so is ours
+    pool.tick(nodes=None, now=t0 + 31)
+    assert pool.expected_starts == {}
+    scheduler.start = 1_900_000_100.0
+    pool.tick(nodes=None, now=t0 + 41)
+    assert pool.expected_starts == {a.id: 1_900_000_100.0}
+    scheduler.jobs[a.job_id] = JobState.RUNNING  # started: nothing more to ask
+    pool.tick(nodes=None, now=t0 + 51)
+    assert pool.expected_starts == {} and scheduler.asked == 5
+
+
+def test_local_provider_expects_a_job_to_start_after_its_queue_delay(tmp_path, script):
+    provider = LocalProvider(tmp_path / "jobs", job_script=script, queue_delay_s=60,
+                             kill_grace_s=2)
+    spec = WorkerSpec(allocation_id="a1", pool="p", head_address="127.0.0.1:1",
+                      walltime_s=600, warning_s=60)
+    before = time.time()
+    job = provider.submit(spec)
+    try:
+        assert before + 60 <= provider.expected_start(job) <= time.time() + 60
+    finally:
+        provider.cancel(job)
+    assert _until(lambda: provider.poll([job])[job].state.terminal)
+    assert provider.expected_start(job) is None and provider.expected_start("nope") is None
+
+
+def test_a_node_whose_replica_is_still_being_created_is_not_idle(tmp_path, script):
+    """Ray placed a replica on the new node (its slot is taken) but the replica's worker
+    has not started, so Serve does not list it there yet: not idle, not given back
+    (seen on a loaded box: the node was drained 10 s after joining, and its replica
+    with it)."""
+    from cluster.ray_view import ALLOCATION_LABEL, NodeView, resources_in_use
+
+    pool, provider, store = _pool(tmp_path, script, min_allocations=0, max_allocations=1,
+                                  idle_release_s=10)
+    try:
+        pool.demand_nodes = 1
+        pool.tick(nodes=[])
+        assert _until(lambda: (pool.tick(nodes=[]), store.allocations()[0].phase == STARTING)[1])
+        a = store.allocations()[0]
+        total = {"CPU": 1.0, "hpc_slot": 1.0, "memory": 1e9, "node:127.0.0.10": 1.0}
+        creating = NodeView(node_id="n1", ip="127.0.0.10", alive=True, draining=False,
+                            labels={ALLOCATION_LABEL: a.id},
+                            busy=resources_in_use(total, {"CPU": 1.0, "memory": 1e9,
+                                                          "node:127.0.0.10": 1.0}))
+        assert creating.busy and not creating.replicas
+        pool.demand_nodes = 0  # the replica got its node: Ray's demand is gone
+        t0 = time.time()
+        for second in range(0, 40, 5):
+            pool.tick(nodes=[creating], now=t0 + second)
+        assert store.allocations(live_only=True)[0].idle_since == 0.0  # never idle
+        empty = NodeView(node_id="n1", ip="127.0.0.10", alive=True, draining=False,
+                         labels={ALLOCATION_LABEL: a.id},
+                         busy=resources_in_use(total, dict(total)))
+        assert not empty.busy
+        pool.tick(nodes=[empty], now=t0 + 40)
+        pool.tick(nodes=[empty], now=t0 + 51)
+        assert store.allocations()[0].phase == DRAINING  # idle 11 s: given back
     finally:
         _cancel_all(provider, store)

@@ -10,7 +10,7 @@ from serve_app.app import build_app
 def _deployments(args: dict) -> tuple[str, list[str]]:
     """The app's ingress deployment and the engine deployments it routes to."""
     bound = build_app(args)._bound_deployment
-    routed_to = bound.init_args[1] if len(bound.init_args) > 1 else {}
+    routed_to = bound.init_args[1] if bound.name == "Ingress" else {}
     return bound.name, sorted(app._bound_deployment.name for app in routed_to.values())
 
 

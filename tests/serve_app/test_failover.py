@@ -39,7 +39,8 @@ def _job_sessions(home: Path) -> set[int]:
     return {int(f.read_text().strip()) for f in home.rglob("*.pid")}
 
 
-def _engine_replicas(home: Path) -> list[int]:
+def _engine_replicas(home: Path, replica: str = ENGINE_REPLICA) -> list[int]:
+    """PIDs of the replica processes of one engine deployment (``ray::ServeReplica:...``)."""
     found = []
     for pid in (p for sid in _job_sessions(home) for p in session_members(sid)):
         try:
@@ -47,7 +48,7 @@ def _engine_replicas(home: Path) -> list[int]:
         except (OSError, UnicodeDecodeError):
             continue
         # while it runs a method (health checks too) Ray retitles it ...engine-tiny.method
-        if cmd == ENGINE_REPLICA or cmd.startswith(ENGINE_REPLICA + "."):
+        if cmd == replica or cmd.startswith(replica + "."):
             found.append(pid)
     return found
 

@@ -98,3 +98,24 @@ def test_an_error_event_is_an_error_response():
     (event,) = events(raw)
     assert strict(ErrorResponse, event).error.code == "engine_unavailable"
     assert raw.endswith(DONE)
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+def test_embeddings_are_the_embedding_list_model(encoding):
+    import base64
+
+    import numpy as np
+
+    from serve_app.framing import embedding_list
+    from serve_app.openai_protocol import EmbeddingList
+    from serve_app.protocol import EmbedResult
+
+    vectors = np.array([[0.1, -1 / 3, 2.5e-8], [1.0, 0.0, -0.5]], dtype=np.float32)
+    body = strict(EmbeddingList, orjson.loads(embedding_list("e", EmbedResult(vectors, 7),
+                                                             encoding)))
+    assert [d.index for d in body.data] == [0, 1]
+    assert body.usage.prompt_tokens == body.usage.total_tokens == 7
+    for row, item in zip(vectors, body.data):
+        got = (np.frombuffer(base64.b64decode(item.embedding), dtype="<f4")
+               if encoding == "base64" else np.array(item.embedding, dtype=np.float32))
+        assert np.array_equal(got, row)  # exactly the engine's float32 values

@@ -12,7 +12,11 @@ from pydantic import ValidationError
 from referencing import Registry, Resource
 
 from serve_app.errors import APIError
-from serve_app.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serve_app.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 from serve_app.api.generation import to_generate
 from serve_app.api.server import OpenAIServer
 from serve_app.config import ModelConfig
@@ -178,3 +182,51 @@ def test_openapi_document_lists_exactly_the_accepted_fields():
     assert not request.is_valid({**body, "max_tokens": 64})  # the context's limit
     assert "top_k" not in openapi_document(["tiny"], False)["components"]["schemas"][
         "CompletionRequest"]["properties"]
+
+
+# ---- embeddings ---------------------------------------------------------------------
+
+def _embedding(body: dict):
+    try:
+        return EmbeddingRequest.model_validate({"model": "e", **body})
+    except ValidationError as err:
+        raise APIError.from_validation(err) from None
+
+
+@pytest.mark.parametrize("value, inputs", [
+    ("a text", ["a text"]), (["a", "b"], ["a", "b"]), ([101, 7, 102], [[101, 7, 102]]),
+    ([[1], [2, 3]], [[1], [2, 3]]),
+])
+def test_every_embedding_input_form_is_a_list_of_inputs(value, inputs):
+    assert _embedding({"input": value}).inputs() == inputs
+
+
+@pytest.mark.parametrize("body, param, needle", [
+    ({"input": ""}, "input", "at least 1 character"),
+    ({"input": []}, "input", "at least 1 item"),
+    ({"input": [[]]}, "input.0", "at least 1 item"),
+    ({"input": ["a", 1]}, "input.1", "valid string"),
+    ({"input": [1, -1]}, "input.1", "greater than or equal to 0"),
+    ({"input": ["x"] * 2049}, "input", "at most 2048 inputs"),
+    ({"input": "x", "encoding_format": "int8"}, "encoding_format", "'float' or 'base64'"),
+    ({"input": "x", "dimensions": 0}, "dimensions", "greater than or equal to 1"),
+    ({"input": "x", "dimensions": "8"}, "dimensions", "valid integer"),
+    ({}, "input", "Missing required parameter"),
+])
+def test_bad_embedding_requests_name_the_field(body, param, needle):
+    with pytest.raises(APIError) as info:
+        _embedding(body)
+    assert (info.value.status, info.value.param) == (400, param) and needle in info.value.message
+
+
+def test_openapi_lists_embeddings_only_where_a_model_serves_them():
+    doc = openapi_document(["tiny"], False, embedding_models=["minilm"])
+    op = doc["paths"]["/v1/embeddings"]["post"]
+    assert set(op["responses"]["200"]["content"]) == {"application/json"}
+    request = _validator(doc, op["requestBody"]["content"]["application/json"]["schema"])
+    request.validate({"model": "minilm", "input": ["a", "b"], "encoding_format": "base64"})
+    assert not request.is_valid({"model": "tiny", "input": "a"})  # a chat model
+    assert not request.is_valid({"model": "minilm", "input": "a", "temperature": 1})
+    only_embeddings = openapi_document([], False, embedding_models=["minilm"])["paths"]
+    assert "/v1/chat/completions" not in only_embeddings and "/v1/embeddings" in only_embeddings
+    assert "/v1/embeddings" not in openapi_document(["tiny"], False)["paths"]

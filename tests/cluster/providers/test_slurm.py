@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 from cluster.providers.base import JobInfo, JobState, ProviderError, WorkerSpec
-from cluster.providers.slurm import SlurmConfig, SlurmProvider, SlurmRejected
+from cluster.providers.slurm import (
+    SlurmConfig,
+    SlurmProvider,
+    SlurmRejected,
+    parse_expected_start,
+)
 
 STANDIN = Path(__file__).with_name("standin_job.sh")
 HOST = socket.gethostname().split(".")[0]
@@ -182,6 +187,38 @@ def test_resubmitting_a_live_allocation_adopts_the_job(slurm_cluster, tmp_path):
     assert provider.submit(spec) == job_id             # e.g. a retry after a lost reply
     provider.cancel(job_id)
     wait_for(provider, job_id, terminal, timeout=30)
+
+
+@pytest.mark.parametrize("output, expected", [
+    # squeue --start --noheader --format=%S with SLURM_TIME_FORMAT=%s, as slurm-wlm
+    # 22.05 prints it on the dev cluster
+    ("1796292016\n", 1796292016.0),  # pending on Resources, after a backfill cycle
+    ("N/A\n", None),                 # pending, before the backfill cycle; or held
+    ("", None),                       # running (or gone): no longer listed
+])
+def test_expected_start_parses_squeue_start(output, expected):
+    assert parse_expected_start(output) == expected
+
+
+def test_expected_start_of_a_queued_job_is_the_schedulers(slurm_cluster, tmp_path):
+    """A job told to wait (--begin) is pending with a start SLURM knows; once it runs
+    it has no expected start any more."""
+    later = provider_for(slurm_cluster, tmp_path / "out", extra_args=["--begin=now+600"])
+    now_ = provider_for(slurm_cluster, tmp_path / "out")
+    before = time.time()
+    waiting = later.submit(spec_for(tmp_path / "m"))
+    started = now_.submit(spec_for(tmp_path / "m"))
+    try:
+        assert later.poll([waiting])[waiting].state is JobState.PENDING
+        assert before + 590 <= later.expected_start(waiting) <= time.time() + 610
+        wait_for(now_, started, running, timeout=60)
+        assert now_.expected_start(started) is None
+        assert now_.expected_start("987654") is None and now_.expected_start("x") is None
+    finally:
+        for job_id in (waiting, started):
+            now_.cancel(job_id)
+        for job_id in (waiting, started):
+            wait_for(now_, job_id, terminal, timeout=30)
 
 
 @pytest.mark.parametrize("config, num_gpus, words", [

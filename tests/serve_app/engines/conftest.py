@@ -170,53 +170,7 @@ def vllm_model_entry(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
             "health_check_timeout_s": 30}
 
 
-_PROBE = """
-import json, sys
-import ray
-from ray import serve
-ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], log_to_driver=False,
-         namespace="serve")
-handle = serve.get_deployment_handle(sys.argv[3], app_name=sys.argv[4])
-for _ in sys.stdin:
-    print(json.dumps(handle.stats.remote().result(timeout_s=30)), flush=True)
-"""
-
-
-class EngineStatsProbe:
-    """Calls an engine deployment's ``stats()`` from a separate Ray driver process.
-
-    Why a subprocess: Ray reads its auth settings when it is first imported, so this
-    pytest process (which may have imported Ray for other tests) cannot reliably
-    join a token-authenticated cluster itself.  The probe is stopped by its PID.
-    """
-
-    def __init__(self, head, deployment: str, app: str = "hpcserve"):
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _PROBE, head.gcs_address, head.node_ip, deployment, app],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, env=head.process_env())
-
-    def stats(self) -> dict:
-        import json
-
-        self.process.stdin.write("\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"stats probe exited with {self.process.wait()}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@pytest.fixture(scope="session")
-def stats_probe() -> type[EngineStatsProbe]:
-    """``stats_probe(head, deployment)``: see ``EngineStatsProbe`` (close it yourself)."""
-    return EngineStatsProbe
+@pytest.fixture(scope="module")
+def vllm_test_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``env`` for a vLLM replica in the tests (``vllm_env`` with its own cache)."""
+    return vllm_env(tmp_path_factory.mktemp("vllm-cache"))

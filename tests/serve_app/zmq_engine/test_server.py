@@ -64,7 +64,8 @@ def test_model_info_and_health(engine: EngineProcess) -> None:
     async def body(client: EngineClient) -> dict:
         await client.health(timeout=5)
         return await client.model_info()
-    assert with_client(engine, body) == {"model": "tiny-chat-v1", "max_model_len": 2048}
+    assert with_client(engine, body) == {"model": "tiny-chat-v1", "max_model_len": 2048,
+                                         "task": "generate", "dimensions": None}
 
 
 def test_stop_string_cuts_the_stream(engine: EngineProcess) -> None:
@@ -231,3 +232,34 @@ def test_a_silent_engine_fails_the_stream_instead_of_hanging() -> None:
         finally:
             await client.close()
     asyncio.run(body())
+
+
+def test_an_embedding_engine_embeds_over_the_wire_and_refuses_generation(engine) -> None:
+    """``--task embed``: ``embed`` messages get float32 matrices back (concurrent ones
+    share forward passes); ``submit`` is a 400, as ``embed`` is to a generation engine."""
+    import numpy as np
+
+    from serve_app.protocol import EmbedRequest
+    from tests.serve_app.embedding_support import minilm_dir
+
+    def embed(request_id: str, inputs: list) -> EmbedRequest:
+        return EmbedRequest(request_id=request_id, model="m", inputs=inputs)
+
+    async def body(client: EngineClient):
+        results = await asyncio.gather(*(client.embed(embed(f"e{i}", [f"text {i}", [101, 102]]))
+                                         for i in range(6)))
+        with pytest.raises(EngineError) as refused:
+            await collect(client, chat("hi"))
+        return results, await client.model_info(), await client.stats(), refused.value
+
+    with EngineProcess.spawn(minilm_dir(), task="embed", max_batch=8, threads=1) as embedder:
+        results, info, stats, refused = with_client(embedder, body)
+    assert all(r.embeddings.shape == (2, 384) and r.embeddings.dtype == np.float32
+               for r in results)
+    assert np.allclose(np.linalg.norm(results[0].embeddings, axis=1), 1.0, atol=1e-5)
+    assert info["task"] == "embed" and info["dimensions"] == 384 and info["max_model_len"] == 256
+    assert stats["embed_requests"] == 6 and max(map(int, stats["embed_batches_by_size"])) > 2
+    assert (refused.status, refused.code) == (400, "unsupported_task")
+    with pytest.raises(EngineError) as wrong:
+        with_client(engine, lambda c: c.embed(embed("x", ["hi"])))
+    assert (wrong.value.status, wrong.value.code) == (400, "unsupported_task")

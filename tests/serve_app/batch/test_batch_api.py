@@ -30,7 +30,6 @@ import pytest
 from serve_app.processes import pid_alive, session_members
 from tests.conftest import default_config
 from tests.serve_app.access.oidc_issuer import AUDIENCE, ISSUER, Issuer
-from tests.serve_app.engines.conftest import EngineStatsProbe
 
 KEY = "sk-batch-test-key"
 BATCH_REPLICA = "ray::ServeReplica:hpcserve:batch"
@@ -43,7 +42,7 @@ def issuer(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stack(hpcserve_stack, issuer, tmp_path_factory):
+def stack(hpcserve_stack, stats_probe, issuer, tmp_path_factory):
     access_db = tmp_path_factory.mktemp("access") / "access.db"
     config = default_config(args={
         "api_keys": [KEY],
@@ -54,7 +53,7 @@ def stack(hpcserve_stack, issuer, tmp_path_factory):
         "batch": {"enabled": True, "max_concurrency": 32}})
     s = hpcserve_stack(config, name="batch")
     s.access_db = access_db
-    s.stats = EngineStatsProbe(s.head, "engine-tiny")
+    s.stats = stats_probe(s.head, "engine-tiny")
     yield s
     s.stats.close()
     s.down()

@@ -41,13 +41,14 @@ def test_up_reports_first_token_time(stack):
 
 
 def test_deployments_match_the_ingress_mode(stack):
-    """routed: an Ingress in front of the engine; direct: the engine alone."""
+    """routed: an Ingress in front of the engine; direct: the engine alone; with keys,
+    the access ledger on the head in both."""
     import json
 
     status = json.loads(stack.cli("status", "--json").stdout)
     deployments = set(status["applications"]["hpcserve"]["deployments"])
     expected = {"Ingress", "engine-tiny"} if stack.ingress_mode == "routed" else {"engine-tiny"}
-    assert deployments == expected
+    assert deployments == expected | {"access-ledger"}
 
 
 def test_haproxy_sends_requests_to_the_ingress_replica(stack):

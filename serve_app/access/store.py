@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import sqlite3
 import time
 from typing import Any, Iterable
+
+from serve_app import sqlite_store
 
 KEY_PREFIX = "hpcs_"
 
@@ -50,14 +51,7 @@ def hash_key(secret: str) -> str:
 
 
 def connect(path: str) -> sqlite3.Connection:
-    """Open (creating with mode 0600) the store; safe to share between processes."""
-    if not os.path.exists(path):
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    conn = sqlite3.connect(path, timeout=10, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(_SCHEMA)
-    return conn
+    return sqlite_store.connect(path, _SCHEMA)
 
 
 def _bump(conn: sqlite3.Connection) -> None:

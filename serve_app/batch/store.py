@@ -11,10 +11,11 @@ authentication); a lookup with ``owner=None`` sees every row (the CLI).
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from typing import Any
+
+from serve_app import sqlite_store
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -32,15 +33,7 @@ CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
 
 
 def connect(path: str) -> sqlite3.Connection:
-    """Open (creating with mode 0600) the store; safe to share between processes."""
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    conn = sqlite3.connect(path, timeout=10, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(_SCHEMA)
-    return conn
+    return sqlite_store.connect(path, _SCHEMA)
 
 
 def _owned(owner: str | None) -> tuple[str, tuple]:

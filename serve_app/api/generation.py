@@ -150,8 +150,9 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
                continuous: bool, with_logprobs: bool):
     """The event stream; with ``continuous`` (vLLM's ``continuous_usage_stats``)
     every chunk carries the usage so far: the prompt's tokens (engines report them
-    with their first delta) and the completion tokens sent until then.  The usage
-    so far is kept in ``ctx`` too, so a stream cut short is still accounted."""
+    with their first delta) and the completion tokens sent until then.  When the
+    stream ends, however it ends, the usage so far goes to ``ctx`` (a stream cut
+    short is still accounted) -- once, not per chunk."""
     prompt, completion = _prompt_tokens(first), 0
     ctx.usage = Usage(prompt, 0)
     yield framer.first_chunk(Usage(prompt, 0) if continuous else None)
@@ -161,8 +162,7 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
             text = "".join(d.text for d in deltas)
             completion += sum(d.num_tokens for d in deltas)
             prompt = _prompt_tokens(deltas) or prompt
-            ctx.usage = Usage(prompt, completion)
-            so_far = ctx.usage if continuous else None
+            so_far = Usage(prompt, completion) if continuous else None
             if with_logprobs:
                 entries = [e for d in deltas for e in d.extras.get("logprobs") or ()]
                 if text or entries:
@@ -174,7 +174,6 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
             last = deltas[-1] if deltas else None
             if last is not None and last.finish_reason:
                 finish, usage = last.finish_reason, last.usage or so_far
-                ctx.usage = usage or ctx.usage
                 extension = last.extras.get(EXTENSION)
     except Exception as exc:  # mid-stream: the status is already sent
         err = as_engine_error(exc)
@@ -184,4 +183,6 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
         ctx.status = api.status
         yield framer.error_event(api.body())
         return
+    finally:
+        ctx.usage = usage or Usage(prompt, completion)
     yield framer.final_chunks(finish, usage, include_usage, continuous, extension)

@@ -22,6 +22,7 @@ and the graceful stop are that class's in both modes.
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 from serve_app.api.server import OpenAIServer, openai_deployment
@@ -46,8 +47,9 @@ class EngineIngress(OpenAIServer):
 
     async def _engine_stream(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         try:
-            async for deltas in self.host.generate(req):
-                yield deltas
+            async with aclosing(self.host.generate(req)) as stream:
+                async for deltas in stream:
+                    yield deltas
         except Exception as exc:
             error = _client_error(exc)
             if error is exc:
@@ -65,8 +67,9 @@ class EngineIngress(OpenAIServer):
 
     # What Serve, the batch service and the tests call on an engine deployment, forwarded.
     async def generate(self, req: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
-        async for deltas in self.host.generate(req):
-            yield deltas
+        async with aclosing(self.host.generate(req)) as stream:
+            async for deltas in stream:
+                yield deltas
 
     async def check_health(self) -> None:
         await self.host.check_health()

@@ -86,8 +86,9 @@ class RoutedIngress(OpenAIServer):
         sent_text, sent_tokens, attempt = "", 0, 0
         budget = req.sampling.max_tokens
         while True:
+            call = handle.generate.remote(req)
             try:
-                async for deltas in handle.generate.remote(req):
+                async for deltas in call:
                     for d in deltas:
                         sent_text += d.text
                         sent_tokens += d.num_tokens
@@ -96,6 +97,9 @@ class RoutedIngress(OpenAIServer):
                     yield deltas
                 return
             except (asyncio.CancelledError, GeneratorExit):
+                # closed while suspended at the yield (the client left while its last
+                # chunk was being sent): nothing cancels the engine's request but this
+                call.cancel()
                 raise
             except Exception as exc:
                 self._retry_or_raise(exc, attempt, max_retries, req.request_id)

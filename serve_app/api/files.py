@@ -9,15 +9,16 @@ project (``batch_calls.owner``).
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
 
 from serve_app.api.batch_calls import answer, json_response, owner, query_limit, service
 from serve_app.api.endpoint import Endpoint
+from serve_app.api.pipeline import ClosingStreamingResponse
 from serve_app.batch.protocol import CHUNK
 from serve_app.batch.protocol import file_too_large as _too_large
 from serve_app.errors import APIError
@@ -126,12 +127,17 @@ async def _content(server, ctx):
     chunks = svc.options(stream=True).file_content.remote(owner(ctx), file_id)
 
     async def body():
-        async for chunk in chunks:
-            yield chunk
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):  # the client left: stop reading
+            chunks.cancel()
+            raise
     filename = _UNSAFE.sub("_", meta["filename"]) or "file"  # a client's name, in a header
-    return StreamingResponse(body(), media_type="application/octet-stream",
-                             headers={"Content-Length": str(meta["bytes"]),
-                                      "Content-Disposition": f'attachment; filename="{filename}"'})
+    return ClosingStreamingResponse(
+        body(), media_type="application/octet-stream",
+        headers={"Content-Length": str(meta["bytes"]),
+                 "Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 CREATE = Endpoint("file_create", "/v1/files", "POST", _create)

@@ -12,12 +12,13 @@ step's, with the usage of every step and the trace (``hpcserve``) on its last de
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from serve_app.api.engine_call import check_available, first_answer
-from serve_app.api.pipeline import RequestContext
+from serve_app.api.pipeline import ClosingStreamingResponse, RequestContext
 from serve_app.config import ModelConfig
 from serve_app.engines.base import capabilities
 from serve_app.errors import APIError, as_engine_error
@@ -48,10 +49,11 @@ async def _first(stream: AsyncIterator[list[GenerateDelta]]) -> list[GenerateDel
 
 async def _prepend(first: list[GenerateDelta], rest: AsyncIterator[list[GenerateDelta]]):
     """The stream with its already-awaited first item put back in front."""
-    if first:
-        yield first
-    async for item in rest:
-        yield item
+    async with aclosing(rest):
+        if first:
+            yield first
+        async for item in rest:
+            yield item
 
 
 def to_generate(kind: str, body, cfg: ModelConfig, request_id: str) -> GenerateRequest:
@@ -118,10 +120,10 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
         options = body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and bool(options.continuous_usage_stats)  # as vLLM
-        return StreamingResponse(_sse(ctx, framer, first, stream, include_usage, continuous,
-                                      bool(req.extras.get("logprobs"))),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        events = _sse(ctx, framer, first, stream, include_usage, continuous,
+                      bool(req.extras.get("logprobs")))
+        return ClosingStreamingResponse(events, media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache"})
     text, finish, usage, entries, extension = await whole_answer(_prepend(first, stream))
     ctx.usage = usage
     logprobs = framer.logprobs(entries) if req.extras.get("logprobs") else None
@@ -158,23 +160,24 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
     yield framer.first_chunk(Usage(prompt, 0) if continuous else None)
     finish, usage, offset, extension = "stop", None, 0, None
     try:
-        async for deltas in _prepend(first, rest):
-            text = "".join(d.text for d in deltas)
-            completion += sum(d.num_tokens for d in deltas)
-            prompt = _prompt_tokens(deltas) or prompt
-            so_far = Usage(prompt, completion) if continuous else None
-            if with_logprobs:
-                entries = [e for d in deltas for e in d.extras.get("logprobs") or ()]
-                if text or entries:
-                    yield framer.chunk_with_logprobs(text, framer.logprobs(entries, offset),
-                                                     so_far)
-                offset += len(text)
-            elif text:
-                yield framer.text_chunk(text, so_far)
-            last = deltas[-1] if deltas else None
-            if last is not None and last.finish_reason:
-                finish, usage = last.finish_reason, last.usage or so_far
-                extension = last.extras.get(EXTENSION)
+        async with aclosing(_prepend(first, rest)) as stream:
+            async for deltas in stream:
+                text = "".join(d.text for d in deltas)
+                completion += sum(d.num_tokens for d in deltas)
+                prompt = _prompt_tokens(deltas) or prompt
+                so_far = Usage(prompt, completion) if continuous else None
+                if with_logprobs:
+                    entries = [e for d in deltas for e in d.extras.get("logprobs") or ()]
+                    if text or entries:
+                        yield framer.chunk_with_logprobs(text, framer.logprobs(entries, offset),
+                                                         so_far)
+                    offset += len(text)
+                elif text:
+                    yield framer.text_chunk(text, so_far)
+                last = deltas[-1] if deltas else None
+                if last is not None and last.finish_reason:
+                    finish, usage = last.finish_reason, last.usage or so_far
+                    extension = last.extras.get(EXTENSION)
     except Exception as exc:  # mid-stream: the status is already sent
         err = as_engine_error(exc)
         api = exc if isinstance(exc, APIError) else APIError.from_engine(err) if err else \

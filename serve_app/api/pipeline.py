@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
 
+import anyio
 import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -95,6 +97,22 @@ class ReadBody:
 Handler = Callable[[RequestContext], Awaitable[Response]]
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed response that closes its body however the response ends.
+
+    Starlette leaves the body's generator suspended when the response is cancelled
+    while a chunk is being sent (the client left): the engine call beneath it would
+    run to its end and the request stay unaccounted until the garbage collector
+    closed it.  Closing it here cancels what it was waiting on, at once."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
 class Pipeline:
     def __init__(self, steps: list[Step]):
         self.steps = steps
@@ -127,8 +145,9 @@ class Pipeline:
     async def _then_after(self, body: AsyncIterator, entered: list[Step],
                           ctx: RequestContext) -> AsyncIterator:
         try:
-            async for chunk in body:
-                yield chunk
+            async with aclosing(body):
+                async for chunk in body:
+                    yield chunk
         finally:
             self._after(entered, ctx, ctx.status)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from pydantic import ValidationError
@@ -53,8 +54,10 @@ class EngineDeployment:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         self._require("generate")
-        async for chunk in coalesce(self.engine.generate(request), self.stream_interval_s):
-            yield chunk
+        async with aclosing(coalesce(self.engine.generate(request),
+                                     self.stream_interval_s)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._require("embed")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import string
 import time
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
@@ -264,8 +265,9 @@ class Run:
     async def complete(self, step: Step, req: GenerateRequest, retries: int | None) -> str:
         """Run an intermediate step to its end; its text."""
         parts: list[str] = []
-        async for batch in self.tracked(step, req, retries):
-            parts += (d.text for d in batch)
+        async with aclosing(self.tracked(step, req, retries)) as stream:
+            async for batch in stream:
+                parts += (d.text for d in batch)
         text = "".join(parts)
         if self.trace_texts:
             step.text = text
@@ -281,17 +283,18 @@ class Run:
         run's.  The delta that finishes carries the trace (``extras['hpcserve']``)."""
         prior = self.usage()
         first = True
-        async for batch in self.tracked(step, req, retries):
-            for d in batch:
-                if d.usage is not None:
-                    d.usage = Usage(prior.prompt_tokens + d.usage.prompt_tokens,
-                                    prior.completion_tokens + d.usage.completion_tokens)
-                if d.finish_reason:
-                    d.extras = {**d.extras, TRACE_OPTION: self.extension()}
-            if first and prior.completion_tokens:
-                batch = [GenerateDelta(num_tokens=prior.completion_tokens), *batch]
-            first = False
-            yield batch
+        async with aclosing(self.tracked(step, req, retries)) as stream:
+            async for batch in stream:
+                for d in batch:
+                    if d.usage is not None:
+                        d.usage = Usage(prior.prompt_tokens + d.usage.prompt_tokens,
+                                        prior.completion_tokens + d.usage.completion_tokens)
+                    if d.finish_reason:
+                        d.extras = {**d.extras, TRACE_OPTION: self.extension()}
+                if first and prior.completion_tokens:
+                    batch = [GenerateDelta(num_tokens=prior.completion_tokens), *batch]
+                first = False
+                yield batch
 
     async def parallel(self, calls: list[Awaitable[Any]]) -> list[Any]:
         """Run steps at once; each result or its exception.  If this is cancelled (the

@@ -21,6 +21,7 @@ temperature and seed.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -233,8 +234,9 @@ class Tribunal(Workflow):
                                 self._final_sampling(req.sampling))
         final_req.extras = {k: v for k, v in req.extras.items() if k != TRACE_OPTION}
         try:
-            async for batch in run.final(step, final_req, None):
-                yield batch
+            async with aclosing(run.final(step, final_req, None)) as stream:
+                async for batch in stream:
+                    yield batch
         except StepFailed as err:
             raise step_failure(cfg, err, f"step 'final' (judge '{cfg.judge.model}')") \
                 from None

@@ -5,13 +5,14 @@ complete -- for a stream, only when the stream ends."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 
 import pytest
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from serve_app.api.endpoint import Endpoint
-from serve_app.api.pipeline import Pipeline, RequestContext
+from serve_app.api.pipeline import ClosingStreamingResponse, Pipeline, RequestContext
 from serve_app.errors import APIError
 
 
@@ -84,3 +85,51 @@ def test_a_stream_unwinds_only_when_its_last_chunk_is_sent():
 
     asyncio.run(consume())
     assert log == ["a.before", "chunk 1", "chunk 2", "a.after:200"]
+
+
+@pytest.mark.parametrize("asgi", ["2.4", "2.0"])  # Starlette's two ways of streaming
+def test_a_client_gone_while_a_chunk_is_sent_closes_the_stream_beneath(asgi):
+    """The task is cancelled while ``send`` is blocked (a client that stopped
+    reading, then left): the body and the generator under it close at once, so the
+    engine call they wait on is cancelled and the steps unwind -- with Starlette's
+    own response they would stay suspended until the garbage collector came."""
+    log: list[str] = []
+
+    async def engine():
+        try:
+            while True:
+                yield b"token"
+                await asyncio.sleep(0)
+        finally:
+            log.append("engine closed")
+
+    async def body():  # a generator over another, as _sse over the engine stream
+        async with aclosing(engine()) as stream:
+            async for chunk in stream:
+                yield chunk
+
+    async def handler(ctx):
+        return ClosingStreamingResponse(body())
+
+    async def serve() -> None:
+        sending = asyncio.Event()
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                sending.set()
+                await asyncio.Event().wait()
+
+        async def receive() -> dict:
+            await asyncio.Event().wait()
+            return {}
+
+        response = await Pipeline([Recorder("a", log)]).run(context(), handler)
+        task = asyncio.create_task(response(
+            {"type": "http", "asgi": {"spec_version": asgi}}, receive, send))
+        await asyncio.wait_for(sending.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert log == ["a.before", "engine closed", "a.after:200"]
+
+    asyncio.run(serve())

@@ -17,6 +17,8 @@ What the template leaves that a shared login node must not have:
   moved to the address the operator configured (``HPCSERVE_HTTP_HOST``);
 * 502/503/504 become a plain-text ``500 Internal Server Error``: replaced by
   OpenAI-shaped JSON, 503 with ``Retry-After`` (504 keeps its status);
+* a managed key whose clients flood past its rate limit is refused by HAProxy
+  itself, from a map the access ledger keeps (``serve_app/access/shed.py``);
 * with no credentials every Serve socket binds loopback (``HPCSERVE_SERVE_BIND_HOST``
   is 127.0.0.1), so replicas on this machine's other loopback addresses
   (127.0.0.10, ...) are reached at 127.0.0.1.
@@ -33,6 +35,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+from serve_app.access import shed
 
 LOOPBACK = "127.0.0.1"
 
@@ -67,8 +71,10 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def rewrite(config: str, *, http_host: str, serve_bind_host: str, error_dir: Path) -> str:
-    """The config with hpcserve's binds, socket mode, error pages and server hosts."""
+def rewrite(config: str, *, http_host: str, serve_bind_host: str, error_dir: Path,
+            shed_dir: Path | None = None) -> str:
+    """The config with hpcserve's binds, socket mode, error pages, server hosts and
+    (with ``shed_dir``) the rules that refuse shed keys."""
     def sub(pattern: str, repl, text: str, what: str, count: int = 0) -> str:
         new, n = re.subn(pattern, repl, text, count=count, flags=re.MULTILINE)
         if n == 0:
@@ -85,6 +91,10 @@ def rewrite(config: str, *, http_host: str, serve_bind_host: str, error_dir: Pat
     if http_host not in ("0.0.0.0", "::"):
         config = sub(r"^(frontend http_frontend\n\s*bind )\S+:(\d+)", rf"\g<1>{host}:\2",
                      config, "http frontend bind")
+    if shed_dir is not None and "txn.hpcserve_shed" not in config:
+        config = sub(r"^(frontend http_frontend\n\s*bind \S+\n)",
+                     lambda m: m[1] + shed.frontend_rules(shed_dir), config,
+                     "http frontend bind", count=1)
     for status in (502, 503, 504):
         page = error_dir / f"hpcserve-{status}.http"
         config = sub(rf"^(\s*errorfile {status}) \S+", rf"\1 {page}", config,
@@ -104,15 +114,26 @@ def write_error_pages(error_dir: Path) -> None:
             path.write_bytes(page)
 
 
+def write_shed_files(shed_dir: Path) -> None:
+    """The 429 body, and the map if the ledger has not written one yet (HAProxy
+    refuses to start on a missing map file)."""
+    body = shed_dir / shed.BODY_FILE
+    if not body.exists() or body.read_bytes() != shed.BODY:
+        body.write_bytes(shed.BODY)
+    (shed_dir / shed.MAP_FILE).touch(mode=0o600, exist_ok=True)
+
+
 def guard_and_exec(argv: list[str]) -> None:
     """``argv``: HAProxy's arguments as Serve passes them (``-db -f CONFIG ...``)."""
     if "-f" in argv:
         config_path = Path(argv[argv.index("-f") + 1])
         write_error_pages(config_path.parent)
+        shed_dir = shed.haproxy_dir() or config_path.parent
+        write_shed_files(shed_dir)
         text = config_path.read_text()
         new = rewrite(text, http_host=os.environ.get("HPCSERVE_HTTP_HOST", LOOPBACK),
                       serve_bind_host=os.environ.get("HPCSERVE_SERVE_BIND_HOST", LOOPBACK),
-                      error_dir=config_path.parent)
+                      error_dir=config_path.parent, shed_dir=shed_dir)
         if new != text:
             tmp = config_path.with_suffix(".hpcserve-tmp")
             tmp.write_text(new)

@@ -99,6 +99,10 @@ def render_access(h: dict) -> str:
         parts.append(f"{h['replicas']} replicas reporting")
     if "unsent_usage" in h:
         parts.append(f"{h['unsent_usage']} usage records unsent")
+    if h.get("shed"):
+        parts.append("refused at HAProxy (flooding): " + ", ".join(h["shed"]))
+    if h.get("shed_error"):
+        parts.append(f"shedding FAILING ({h['shed_error']})")
     if h.get("stale"):
         parts.append(f"STALE: the ledger's last report is {h['age_s']:.0f}s old" if "age_s" in h
                      else "STALE")

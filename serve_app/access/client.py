@@ -94,9 +94,9 @@ class AccessClient:
                 "allowances": {f"{s}|{m}": r for (s, m), r in reports.items()},
                 "health": self.health})
         except BaseException:
-            for name, (used, demand) in reports.items():
+            for name, report in reports.items():
                 if name in self.allowances:
-                    self.allowances[name].unreport(used, demand)
+                    self.allowances[name].unreport(report)
             raise
         if answer["acked"]:  # recorded (idempotent by request id if resent)
             del self.unsent[:len(rows)]

@@ -67,6 +67,9 @@ class AccessConfig(_Strict):
         "with no project limit"))
     ledger: bool = Field(default=True, description=(
         "record every request's usage on the head (with any credentials configured)"))
+    shed_floods: bool = Field(default=True, description=(
+        "a managed key over its rpm/tpm limit whose clients keep sending is refused by "
+        "HAProxy, before any replica, until its bucket refills (docs/access.md)"))
     sync_interval_s: float = Field(default=0.25, gt=0, description=(
         "how often a replica settles limits and sends usage to the head; a replica that "
         "dies loses at most this much unsent usage"))

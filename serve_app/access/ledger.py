@@ -26,6 +26,7 @@ from serve_app.access import store
 from serve_app.access.client import METRICS, bucket_shape
 from serve_app.access.config import AccessConfig, Limits
 from serve_app.access.limits import Bucket
+from serve_app.access.shed import ShedMap, active, decide, haproxy_dir
 
 log = logging.getLogger("hpcserve.access")
 
@@ -48,6 +49,10 @@ class LedgerServer:
         self.replica_health: dict[str, dict[str, Any]] = {}
         self.unsent_reported = 0
         self._task: asyncio.Task | None = None
+        directory = haproxy_dir() if self.cfg.shed_floods else None
+        self.shed_map = ShedMap(directory) if directory is not None else None
+        self.sheds: dict = {}
+        self.refusals = asyncio.Event()  # wakes the shed loop when replicas refused
         if not os.path.exists(self.path):  # a first start
             store.connect(self.path).close()
         self._reload_keys()
@@ -98,6 +103,8 @@ class LedgerServer:
 
     # ---- background: keys and health -------------------------------------
     async def _background(self) -> None:
+        if self.shed_map is not None:
+            asyncio.get_running_loop().create_task(self._shed_floods())
         last_health = 0.0
         while True:
             await asyncio.to_thread(self._reload_keys)
@@ -106,6 +113,21 @@ class LedgerServer:
                 last_health = time.monotonic()
             await asyncio.sleep(_KEYS_POLL_S)
 
+    async def _shed_floods(self) -> None:
+        """Keep HAProxy's list of keys to refuse current (serve_app/access/shed.py)."""
+        while True:
+            now = time.monotonic()
+            self.sheds = decide(self.keys, self.buckets, self.sheds, now)
+            try:
+                await asyncio.to_thread(self.shed_map.apply, self.sheds, now)
+            except Exception:  # never let shedding stop the ledger
+                log.exception("updating HAProxy's shed map failed")
+            self.refusals.clear()
+            try:  # at the next refusal reported, or a tick (a shed's time running out)
+                await asyncio.wait_for(self.refusals.wait(), self.cfg.sync_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
     def _write_health(self) -> None:
         oidc = [h["oidc"] for h in self.replica_health.values() if h.get("oidc")]
         failing = [o for o in oidc if not o.get("ok")]
@@ -113,7 +135,9 @@ class LedgerServer:
                   "store_error": self.store_error, "keys": len(self.keys),
                   "oidc": (failing or oidc or [None])[0], "replicas": len(self.seen),
                   "unsent_usage": sum(h.get("unsent", 0)
-                                      for h in self.replica_health.values())}
+                                      for h in self.replica_health.values()),
+                  "shed": sorted(s.name for s in active(self.sheds, time.monotonic()).values()),
+                  "shed_error": self.shed_map.error if self.shed_map else None}
         target = os.path.join(os.path.dirname(os.path.abspath(self.path)),
                               "access-health.json")
         try:
@@ -147,8 +171,8 @@ class LedgerServer:
                 bucket = self.buckets.get(name)
                 if bucket is None or (bucket.capacity, bucket.refill_per_s) != shape:
                     bucket = self.buckets[name] = Bucket(*shape)
-                used, demand = reports.get(name, (0.0, 0.0))
-                lease = bucket.settle(replica, used, demand, now, replicas)
+                used, demand, refused = reports.get(name, (0.0, 0.0, 0))
+                lease = bucket.settle(replica, used, demand, now, replicas, refused)
                 leases[name] = (*shape, lease, bucket.level)
         return leases
 
@@ -173,7 +197,10 @@ class LedgerServer:
                 for kind in ("prompt", "completion"):
                     if row[f"{kind}_tokens"] > 0:
                         self.tokens.inc(row[f"{kind}_tokens"], {**tags, "kind": kind})
-        leases = self._leases(replica, report.get("allowances") or {}, now, set(self.seen))
+        allowances = report.get("allowances") or {}
+        leases = self._leases(replica, allowances, now, set(self.seen))
+        if any(len(r) > 2 and r[2] for r in allowances.values()):
+            self.refusals.set()
         changed = report.get("keys_version") != self.keys_version
         return {"acked": acked, "keys_version": self.keys_version,
                 "keys": self.keys if changed else None, "leases": leases}

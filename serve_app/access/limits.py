@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 WINDOW_S = 60.0
 _SMOOTHING = 0.5      # weight of the previous demand estimate
+REFUSED_TAU_S = 1.0   # how long a refusal counts in ``Bucket.refused``
 
 
 @dataclass
@@ -33,14 +35,15 @@ class Bucket:
     updated: float = 0.0
     leases: dict[str, float] = field(default_factory=dict)
     demand: dict[str, float] = field(default_factory=dict)
+    refused: float = 0.0           # requests refused, decaying by e every REFUSED_TAU_S
 
     def settle(self, replica: str, used: float, demand: float, now: float,
-               replicas: set[str]) -> float:
+               replicas: set[str], refused: int = 0) -> float:
         """Take ``replica``'s report and return its new lease."""
         if math.isnan(self.level):
             self.level, self.updated = self.capacity, now
-        self.level = min(self.capacity,
-                         self.level + self.refill_per_s * max(0.0, now - self.updated))
+        self.refused = self.refused_at(now) + refused
+        self.level = self.level_at(now)
         self.updated = now
         self.level = min(self.capacity, self.level - used)
         self.leases.pop(replica, None)
@@ -61,11 +64,28 @@ class Bucket:
         self.leases[replica] = lease
         return lease
 
+    def refused_at(self, now: float) -> float:
+        """Recent refusals: about those of the last ``REFUSED_TAU_S``."""
+        return self.refused * math.exp(-max(0.0, now - self.updated) / REFUSED_TAU_S)
+
+    def level_at(self, now: float) -> float:
+        return min(self.capacity,
+                   self.level + self.refill_per_s * max(0.0, now - self.updated))
+
     def reset_after_s(self) -> float:
         """Seconds until the bucket is full again (OpenAI's ``x-ratelimit-reset-*``)."""
         if self.refill_per_s <= 0:
             return 0.0
         return max(0.0, (self.capacity - self.level) / self.refill_per_s)
+
+
+class Report(NamedTuple):
+    """One allowance's use since the last sync: cost admitted, cost asked for
+    (admitted or not), requests refused."""
+
+    used: float
+    demand: float
+    refused: int = 0
 
 
 @dataclass
@@ -78,11 +98,13 @@ class Allowance:
     lease: float = 0.0
     used: float = 0.0
     demand: float = 0.0
+    refused: int = 0
     level: float = math.nan
 
     def try_take(self, cost: float) -> bool:
         self.demand += cost
         if self.used + cost > self.lease:
+            self.refused += 1
             return False
         self.used += cost
         return True
@@ -91,19 +113,20 @@ class Allowance:
         """A finished request's concurrency slot, or tokens admitted but not used."""
         self.used -= amount
 
-    def report(self) -> tuple[float, float]:
+    def report(self) -> Report:
         """What to send the ledger; from now on, use counts against the next lease
         (until it arrives, against what is left of this one)."""
-        used, demand = self.used, self.demand
-        self.lease = max(0.0, self.lease - used)
-        self.used, self.demand = 0.0, 0.0
-        return used, demand
+        report = Report(self.used, self.demand, self.refused)
+        self.lease = max(0.0, self.lease - self.used)
+        self.used, self.demand, self.refused = 0.0, 0.0, 0
+        return report
 
-    def unreport(self, used: float, demand: float) -> None:
+    def unreport(self, report: Report) -> None:
         """The report did not arrive: count it again in the next one."""
-        self.lease += used
-        self.used += used
-        self.demand += demand
+        self.lease += report.used
+        self.used += report.used
+        self.demand += report.demand
+        self.refused += report.refused
 
     def granted(self, lease: float, level: float) -> None:
         self.lease, self.level = lease, level

@@ -155,6 +155,51 @@ def test_an_rpm_limit_holds_across_both_replicas(stack):
         assert r.headers["x-ratelimit-limit-requests"] == "30"
 
 
+def test_a_key_flooding_past_its_limit_is_refused_by_haproxy_not_the_replicas(stack):
+    """8 clients that ignore Retry-After, 6 s: after the first refusals the ledger
+    puts the key in HAProxy's map, and the rest are refused there -- they never
+    reach a replica, so the ledger (which records every request a replica saw) has
+    only those that came before.  Then the key is served again."""
+    key = create_key(stack, "flood", "--project", "physics", "--rpm", "60")
+    replies: list[httpx.Response] = []
+    shown: list[str] = []
+    end = time.monotonic() + 6
+
+    def flood() -> None:
+        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {key}"}) as http:
+            body = {"model": MODEL, "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "hi"}]}
+            while time.monotonic() < end:
+                replies.append(http.post(f"{stack.base_url}/chat/completions", json=body))
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(8):
+            pool.submit(flood)
+        while time.monotonic() < end and not shown:  # the operator sees it meanwhile
+            status = stack.cli("status").stdout
+            shown += [line for line in status.splitlines() if "refused at HAProxy" in line]
+    ok = [r for r in replies if r.status_code == 200]
+    limited = [r for r in replies if r.status_code == 429]
+    shed = [r for r in limited if "refused many times" in r.json()["error"]["message"]]
+    print(f"flood: {len(replies)} requests in 6 s, {len(ok)} served, {len(limited)} "
+          f"refused ({len(shed)} by HAProxy)")
+    assert len(ok) + len(limited) == len(replies)
+    assert len(ok) <= 60 + 6 + 1                      # the burst and 6 s of refill
+    assert len(shed) >= 0.5 * len(limited), "most refusals should come from HAProxy"
+    for r in shed:
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-ratelimit-limit-requests"] == "60"
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert shown and "flood" in shown[0], status
+    # every request a replica answered is in the ledger, and none of the shed ones
+    reached = len(replies) - len(shed)
+    wait_until(lambda: usage_by_key(stack).get("flood", {}).get("requests") == reached, 30,
+               f"{reached} ledger rows for the flooding key", poll_s=0.5)
+    # the flood over, the key is served again once its bucket refilled (a few s)
+    wait_until(lambda: chat(stack, key).status_code == 200, 30, "the key served again",
+               poll_s=1.0)
+
+
 def test_a_tpm_limit_holds_within_one_requests_tokens(stack):
     key = create_key(stack, "tokens", "--project", "physics", "--tpm", "400")
     used, max_tokens = 0, 60

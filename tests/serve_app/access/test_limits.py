@@ -24,8 +24,9 @@ class Service:
         self.now = 0.0
 
     def sync(self, replica: str) -> None:
-        used, demand = self.local[replica].report()
-        lease = self.bucket.settle(replica, used, demand, self.now, set(self.names))
+        used, demand, refused = self.local[replica].report()
+        lease = self.bucket.settle(replica, used, demand, self.now, set(self.names),
+                                   refused)
         self.local[replica].granted(lease, self.bucket.level)
 
     def sync_all(self) -> None:
@@ -100,10 +101,11 @@ def test_a_lost_report_is_sent_again():
     svc.sync_all()
     a = svc.local["r0"]
     assert sum(a.try_take(1) for _ in range(4)) == 4
-    used, demand = a.report()
-    a.unreport(used, demand)  # the ledger did not answer
+    assert a.try_take(7) is False  # one refusal
+    a.unreport(a.report())  # the ledger did not answer
     svc.sync_all()
     assert svc.bucket.level == 6
+    assert svc.bucket.refused == 1
     assert sum(a.try_take(1) for _ in range(10)) == 6
 
 

@@ -39,7 +39,8 @@ from serve_app.access.client import AccessClient
 from serve_app.batch import protocol, store
 from serve_app.batch.pace import Pace
 from serve_app.batch.protocol import ACTIVE, CHUNK, BatchCreateRequest, file_too_large
-from serve_app.batch.runner import BatchRun, append_line
+from serve_app.batch.lines import append_line
+from serve_app.batch.runner import BatchRun
 from serve_app.config import AppConfig, ConfigError
 from serve_app.errors import APIError
 

@@ -14,7 +14,7 @@ from ray.exceptions import RayActorError
 
 from serve_app.batch import store
 from serve_app.batch.protocol import line_of
-from serve_app.batch.runner import scan
+from serve_app.batch.lines import scan
 from serve_app.batch.service import BatchServer
 from serve_app.protocol import GenerateDelta, Usage
 

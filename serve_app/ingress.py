@@ -86,8 +86,9 @@ class RoutedIngress(OpenAIServer):
         sent_text, sent_tokens, attempt = "", 0, 0
         budget = req.sampling.max_tokens
         while True:
-            call = handle.generate.remote(req)
+            call = None
             try:
+                call = handle.generate.remote(req)
                 async for deltas in call:
                     for d in deltas:
                         sent_text += d.text
@@ -99,7 +100,11 @@ class RoutedIngress(OpenAIServer):
             except (asyncio.CancelledError, GeneratorExit):
                 # closed while suspended at the yield (the client left while its last
                 # chunk was being sent): nothing cancels the engine's request but this
-                call.cancel()
+                if call is not None:
+                    try:
+                        call.cancel()
+                    except Exception:  # best effort: the call may be over already
+                        log.debug("cancelling %s failed", req.request_id, exc_info=True)
                 raise
             except Exception as exc:
                 self._retry_or_raise(exc, attempt, max_retries, req.request_id)

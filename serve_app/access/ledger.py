@@ -49,7 +49,7 @@ class LedgerServer:
         self.replica_health: dict[str, dict[str, Any]] = {}
         self.unsent_reported = 0
         self._task: asyncio.Task | None = None
-        directory = haproxy_dir() if self.cfg.shed_floods else None
+        directory = haproxy_dir()  # (with shed_floods off: kept empty)
         self.shed_map = ShedMap(directory) if directory is not None else None
         self.sheds: dict = {}
         self.refusals = asyncio.Event()  # wakes the shed loop when replicas refused
@@ -104,7 +104,7 @@ class LedgerServer:
     # ---- background: keys and health -------------------------------------
     async def _background(self) -> None:
         if self.shed_map is not None:
-            asyncio.get_running_loop().create_task(self._shed_floods())
+            self._shed_task = asyncio.get_running_loop().create_task(self._shed_floods())
         last_health = 0.0
         while True:
             await asyncio.to_thread(self._reload_keys)
@@ -116,13 +116,14 @@ class LedgerServer:
     async def _shed_floods(self) -> None:
         """Keep HAProxy's list of keys to refuse current (serve_app/access/shed.py)."""
         while True:
-            now = time.monotonic()
-            self.sheds = decide(self.keys, self.buckets, self.sheds, now)
-            try:
-                await asyncio.to_thread(self.shed_map.apply, self.sheds, now)
-            except Exception:  # never let shedding stop the ledger
-                log.exception("updating HAProxy's shed map failed")
             self.refusals.clear()
+            now = time.monotonic()
+            try:  # never let shedding stop the ledger
+                if self.cfg.shed_floods:
+                    self.sheds = decide(self.keys, self.buckets, self.sheds, now)
+                await asyncio.to_thread(self.shed_map.apply, self.sheds, now)
+            except Exception:
+                log.exception("updating HAProxy's shed map failed")
             try:  # at the next refusal reported, or a tick (a shed's time running out)
                 await asyncio.wait_for(self.refusals.wait(), self.cfg.sync_interval_s)
             except asyncio.TimeoutError:
@@ -171,7 +172,8 @@ class LedgerServer:
                 bucket = self.buckets.get(name)
                 if bucket is None or (bucket.capacity, bucket.refill_per_s) != shape:
                     bucket = self.buckets[name] = Bucket(*shape)
-                used, demand, refused = reports.get(name, (0.0, 0.0, 0))
+                used, demand, *rest = reports.get(name, (0.0, 0.0))
+                refused = rest[0] if rest else 0  # a replica of the previous version
                 lease = bucket.settle(replica, used, demand, now, replicas, refused)
                 leases[name] = (*shape, lease, bucket.level)
         return leases

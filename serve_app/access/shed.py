@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,21 +59,25 @@ def haproxy_dir() -> Path | None:
 
 
 def frontend_rules(directory: Path) -> str:
-    """The HAProxy frontend lines that refuse a shed key (first word of the value:
-    the metric; then Retry-After, the limit, the reset, as ``decide`` wrote them)."""
-    var = "var(txn.hpcserve_shed)"
+    """The HAProxy frontend lines that refuse a shed key.  A map value is
+    ``metric:limit:deadline`` (Unix seconds): HAProxy itself stops refusing at the
+    deadline, so an entry nobody removes (a ledger gone) expires on its own."""
+    shed, left = "var(txn.hpcserve_shed)", "var(txn.hpcserve_left)"
     lines = ["    # hpcserve: keys over their limit, refused here (serve_app/access/shed.py)",
              f"    http-request set-var(txn.hpcserve_shed) req.hdr(authorization),"
              f"word(2,' '),sha2(256),hex,lower,map({directory / MAP_FILE}) "
-             f"if {{ req.hdr(authorization) -m found }}"]
+             f"if {{ req.hdr(authorization) -m found }}",
+             f"    http-request set-var(txn.hpcserve_now) date if {{ {shed} -m found }}",
+             f"    http-request set-var(txn.hpcserve_left) {shed},field(3,:),"
+             f"sub(txn.hpcserve_now) if {{ {shed} -m found }}"]
     for metric in SHED_METRICS:
         lines.append(
             f"    http-request return status 429 content-type application/json file "
-            f"{directory / BODY_FILE} hdr Retry-After %[{var},word(2,:)] "
-            f"hdr x-ratelimit-limit-{metric} %[{var},word(3,:)] "
+            f"{directory / BODY_FILE} hdr Retry-After %[{left}] "
+            f"hdr x-ratelimit-limit-{metric} %[{shed},field(2,:)] "
             f"hdr x-ratelimit-remaining-{metric} 0 "
-            f"hdr x-ratelimit-reset-{metric} %[{var},word(4,:)] "
-            f"if {{ {var} -m beg {metric}: }}")
+            f"hdr x-ratelimit-reset-{metric} %[{left}]s "
+            f"if {{ {shed} -m beg {metric}: }} {{ {left} -m int gt 0 }}")
     return "\n".join(lines) + "\n"
 
 
@@ -86,9 +91,9 @@ class Shed:
     limit: int
     strikes: int = 0   # sheds of this key in a row (each within MEMORY_S of the last)
 
-    def value(self, now: float) -> str:
-        left = max(0.0, self.until - now)
-        return f"{self.metric}:{max(1, math.ceil(left))}:{self.limit}:{format_duration(left)}"
+    def value(self, now: float, wall_now: float) -> str:
+        """The map's value: the deadline in Unix seconds, rounded up."""
+        return f"{self.metric}:{self.limit}:{math.ceil(wall_now + self.until - now)}"
 
 
 def decide(keys: Mapping[str, Mapping[str, Any]], buckets: Mapping[str, Bucket],
@@ -131,22 +136,24 @@ def active(sheds: Mapping[str, Shed], now: float) -> dict[str, Shed]:
 
 class ShedMap:
     """Keeps HAProxy's map equal to the sheds: the file (read by every HAProxy that
-    Serve starts or reloads) and, through the admin socket, the running one."""
+    Serve starts or reloads) and, through the admin socket, the running one.  After
+    any failure, and at the first call, the whole map is sent again from empty."""
 
     def __init__(self, directory: Path):
         self.path = directory / MAP_FILE
-        self.applied: dict[str, str] | None = None  # None: what a previous ledger left
+        self.applied: dict[str, str] | None = None  # None: unknown (a previous ledger's)
         self.error: str | None = None
 
     def apply(self, sheds: Mapping[str, Shed], now: float) -> None:
         sheds = active(sheds, now)
-        wanted = {digest: shed.value(now) for digest, shed in sheds.items()}
+        wall_now = time.time()
+        wanted = {digest: shed.value(now, wall_now) for digest, shed in sheds.items()}
+        applied = self.applied or {}
         if wanted == self.applied:
             return
-        if self.applied is None:  # a restarted ledger: start from an empty map
-            commands, applied = [f"clear map {self.path}"], {}
+        if self.applied is None:
+            commands = [f"clear map {self.path}"]
         else:
-            applied = self.applied
             commands = [f"del map {self.path} {d}" for d in applied.keys() - wanted.keys()]
         commands += [f"set map {self.path} {d} {v}" if d in applied
                      else f"add map {self.path} {d} {v}"
@@ -155,15 +162,20 @@ class ShedMap:
             log.warning("key '%s' over its %s limit and still sending: refused at HAProxy "
                         "for %s", sheds[digest].name, sheds[digest].metric,
                         format_duration(sheds[digest].until - now))
+        errors = []
         try:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(f"{d} {v}\n" for d, v in wanted.items()))
             os.replace(tmp, self.path)
-            for sock in self._sockets():
-                _admin(sock, commands)
-            self.applied, self.error = wanted, None
-        except OSError as exc:  # HAProxy restarting: the next tick tries again
-            self.error = f"{type(exc).__name__}: {exc}"
+        except OSError as exc:
+            errors.append(f"{self.path}: {exc}")
+        for sock in self._sockets():
+            try:
+                errors += [f"{sock}: {e}" for e in _admin(sock, commands)]
+            except OSError as exc:  # HAProxy restarting: the next call sends it all again
+                errors.append(f"{sock}: {type(exc).__name__}: {exc}")
+        self.applied = None if errors else wanted
+        self.error = "; ".join(errors)[:500] or None
 
     def _sockets(self) -> list[Path]:
         """Serve nests HAProxy's files one directory down (a hash of the config)."""
@@ -171,17 +183,21 @@ class ShedMap:
             self.path.parent.glob("admin.sock"))
 
 
-def _admin(path: Path, commands: list[str]) -> None:
-    """Run commands on HAProxy's admin socket (one connection, ';'-separated)."""
-    if not commands:
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(2.0)
-        s.connect(str(path))
-        s.sendall(("; ".join(commands) + "\n").encode())
-        answer = b""
-        while chunk := s.recv(4096):
-            answer += chunk
-    text = answer.decode(errors="replace").strip()
-    if text:
-        log.debug("haproxy: %s", text)
+_BATCH = 50  # commands per connection: a CLI line must fit HAProxy's buffer
+
+
+def _admin(path: Path, commands: list[str]) -> list[str]:
+    """Run commands on HAProxy's admin socket (';'-separated, a batch per
+    connection); what HAProxy answered (a map command that worked answers nothing)."""
+    answers: list[str] = []
+    for i in range(0, len(commands), _BATCH):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2.0)
+            s.connect(str(path))
+            s.sendall(("; ".join(commands[i:i + _BATCH]) + "\n").encode())
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        answers += [line for line in answer.decode(errors="replace").splitlines()
+                    if line.strip()]
+    return answers

@@ -157,11 +157,11 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
     short is still accounted) -- once, not per chunk."""
     prompt, completion = _prompt_tokens(first), 0
     ctx.usage = Usage(prompt, 0)
-    yield framer.first_chunk(Usage(prompt, 0) if continuous else None)
     finish, usage, offset, extension = "stop", None, 0, None
     try:
-        async with aclosing(_prepend(first, rest)) as stream:
-            async for deltas in stream:
+        async with aclosing(rest):  # the engine stream closes even if the client left
+            yield framer.first_chunk(Usage(prompt, 0) if continuous else None)  # during this
+            async for deltas in _prepend(first, rest):
                 text = "".join(d.text for d in deltas)
                 completion += sum(d.num_tokens for d in deltas)
                 prompt = _prompt_tokens(deltas) or prompt

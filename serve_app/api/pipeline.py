@@ -97,6 +97,9 @@ class ReadBody:
 Handler = Callable[[RequestContext], Awaitable[Response]]
 
 
+CLOSE_TIMEOUT_S = 10.0  # a stream's clean-up (engine aborts) never holds a request longer
+
+
 class ClosingStreamingResponse(StreamingResponse):
     """A streamed response that closes its body however the response ends.
 
@@ -109,8 +112,11 @@ class ClosingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
+            with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                try:
+                    await self.body_iterator.aclose()
+                except Exception:  # the response's own outcome is what matters
+                    log.exception("closing a streamed response failed")
 
 
 class Pipeline:

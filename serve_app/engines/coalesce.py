@@ -48,8 +48,9 @@ async def coalesce(source: AsyncIterator[list[GenerateDelta]], interval_s: float
     ``source`` is raised after the text that came before it has been passed on.
     """
     if interval_s <= 0:
-        async for chunk in source:
-            yield chunk
+        async with contextlib.aclosing(source):
+            async for chunk in source:
+                yield chunk
         return
 
     loop = asyncio.get_running_loop()

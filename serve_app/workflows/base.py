@@ -179,6 +179,7 @@ class Run:
         self.request_id = req.request_id
         self.t0 = time.monotonic()
         self.steps: list[Step] = []
+        self.cancelled = False  # the request ended: no step may go on (see ``parallel``)
         options = req.extras.get(TRACE_OPTION) or {}
         self.trace_texts = bool(options.get("trace_texts"))
 
@@ -235,6 +236,8 @@ class Run:
                         step.finish_reason = d.finish_reason
                         step.status, step.end_s = "ok", self.now()
                 yield batch
+                if self.cancelled:  # a cancellation that did not reach this task
+                    raise asyncio.CancelledError
                 try:
                     batch = await anext(stream)
                 except StopAsyncIteration:
@@ -302,6 +305,13 @@ class Run:
         tasks = [asyncio.ensure_future(c) for c in calls]
         try:
             return await asyncio.gather(*tasks, return_exceptions=True)
+        except BaseException:
+            # A cancel is delivered once; one that a step's task loses (asyncio's
+            # wait_for in 3.11 drops it when the awaited item arrives at the same
+            # moment) would leave that step streaming to its end: the flag stops it
+            # at its next item.
+            self.cancelled = True
+            raise
         finally:
             for t in tasks:
                 t.cancel()

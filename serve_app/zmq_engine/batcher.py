@@ -177,8 +177,12 @@ class Batcher:
 
     def abort(self, key: Hashable) -> list[Event]:
         """Forget a request; its final delta says ``abort`` (none if it was unknown)."""
+        # counted before it leaves the queue: whoever reads the stats never sees the
+        # request gone (running 0) and not yet counted
         for seq in self._waiting:
             if seq.key == key:
+                with self._stats.lock:
+                    self._stats.requests_aborted += 1
                 self._waiting.remove(seq)
                 break
         else:
@@ -187,9 +191,9 @@ class Batcher:
                 return []
             seq = self._running[rows[0]]
             seq.finish_reason = "abort"
+            with self._stats.lock:
+                self._stats.requests_aborted += 1
             self._drop_finished()
-        with self._stats.lock:
-            self._stats.requests_aborted += 1
         return [(key, GenerateDelta(finish_reason="abort", usage=seq.usage()))]
 
     def fail_all(self) -> list[Hashable]:

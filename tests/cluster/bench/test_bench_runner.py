@@ -48,15 +48,18 @@ def test_users_that_finish_together_keep_their_concurrency(fake_server: Callable
     # connection at once. httpcore 1.0's pool handed each freed connection to every
     # waiting request and let them fight over it: only ~9 of 64 requests were at this
     # server on average, TTFT p90 3.2 s for a 0.2 s server (the bench's own c=128
-    # tail against hpcserve). Each user must keep one request in flight.
-    srv = fake_server(chunks=4, first_delay=0.2, chunk_delay=0.002)
-    run = _run([Target("s", srv.url, "m")], steps=[Step("concurrency", 64)], duration=3.0)
+    # tail against hpcserve). Each user must keep one request in flight.  The server
+    # takes 0.5 s so that the client's own time between requests (longer on a busy
+    # CI machine: 0.59 of 64 in flight was seen with a 0.2 s server) stays small
+    # against it; the fault this guards against kept ~0.14 of 64 in flight.
+    srv = fake_server(chunks=4, first_delay=0.5, chunk_delay=0.002)
+    run = _run([Target("s", srv.url, "m")], steps=[Step("concurrency", 64)], duration=4.0)
     block = run.blocks[0]
     assert all(r.ok for r in block.results), {r.error for r in block.results}
     mean_in_flight = srv.in_flight_s / block.wall_s
-    assert mean_in_flight > 0.6 * 64, mean_in_flight
+    assert mean_in_flight > 0.5 * 64, mean_in_flight
     ttft = sorted(r.ttft_s for r in block.results if r.ttft_s is not None)
-    assert ttft[int(0.9 * len(ttft))] < 1.0, ttft[int(0.9 * len(ttft))]
+    assert ttft[int(0.9 * len(ttft))] < 2.0, ttft[int(0.9 * len(ttft))]
 
 
 def test_concurrency_step_by_duration(fake_server: Callable[..., Any]) -> None:

@@ -114,7 +114,8 @@ class LedgerServer:
             await asyncio.sleep(_KEYS_POLL_S)
 
     async def _shed_floods(self) -> None:
-        """Keep HAProxy's list of keys to refuse current (serve_app/access/shed.py)."""
+        """Keep HAProxy's list of keys to refuse current (serve_app/access/shed.py);
+        with ``shed_floods`` off, empty it once (what an earlier ledger left)."""
         while True:
             self.refusals.clear()
             now = time.monotonic()
@@ -124,6 +125,8 @@ class LedgerServer:
                 await asyncio.to_thread(self.shed_map.apply, self.sheds, now)
             except Exception:
                 log.exception("updating HAProxy's shed map failed")
+            if not self.cfg.shed_floods and self.shed_map.error is None:
+                return
             try:  # at the next refusal reported, or a tick (a shed's time running out)
                 await asyncio.wait_for(self.refusals.wait(), self.cfg.sync_interval_s)
             except asyncio.TimeoutError:

@@ -48,12 +48,12 @@ async def _first(stream: AsyncIterator[list[GenerateDelta]]) -> list[GenerateDel
 
 
 async def _prepend(first: list[GenerateDelta], rest: AsyncIterator[list[GenerateDelta]]):
-    """The stream with its already-awaited first item put back in front."""
-    async with aclosing(rest):
-        if first:
-            yield first
-        async for item in rest:
-            yield item
+    """The stream with its already-awaited first item put back in front (the caller
+    closes ``rest``: ``_sse`` does, ``whole_answer`` reads it to its end)."""
+    if first:
+        yield first
+    async for item in rest:
+        yield item
 
 
 def to_generate(kind: str, body, cfg: ModelConfig, request_id: str) -> GenerateRequest:

@@ -8,6 +8,7 @@ tests and users can share one machine.  These are the few primitives for that.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -111,8 +112,53 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+# Listeners bound a while after their port is chosen (HAProxy's ports at the first
+# deploy, engines, test servers) must not come from the kernel's ephemeral range:
+# in between, any outgoing connection (Ray opens many) may take the port as its
+# source port and the later bind fails with "Address already in use".  Single ports
+# therefore come from 30000-32767 and 61000-65535, outside Linux's default
+# ephemeral range (32768-60999), Ray's defaults and our port ranges (20000-29999).
+_LISTENER_POOLS = (range(30000, 32768), range(61000, 65536))
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = map(int, f.read().split())
+        return range(lo, hi + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free right now, outside the ephemeral range.
+
+    Ports handed out earlier by this process are not handed out again (a port
+    chosen but not yet bound looks free).  Falls back to the kernel's choice if
+    the pools are exhausted or lie inside a widened ephemeral range.
+    """
+    ephemeral = _ephemeral_range()
+    pool = [p for r in _LISTENER_POOLS for p in r if p not in ephemeral]
+    if len(_handed_out) > len(pool) // 2:
+        _handed_out.clear()
+    rng = random.Random()
+    ports: list[int] = []
+    for _ in range(50 * n):
+        if len(ports) == n or not pool:
+            break
+        p = rng.choice(pool)
+        if p not in _handed_out and port_free(p, host):
+            _handed_out.add(p)
+            ports.append(p)
+    while len(ports) < n:  # the kernel's choice: free now, but ephemeral
+        with socket.socket() as s:
+            s.bind((host, 0))
+            if (p := s.getsockname()[1]) not in ports:
+                ports.append(p)
+    return ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel considers free right now (ephemeral range)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free right now that outgoing connections will not take meanwhile."""
+    return free_ports(1, host)[0]

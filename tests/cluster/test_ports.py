@@ -1,0 +1,39 @@
+"""Ports chosen now and bound later must survive the machine's outgoing connections."""
+
+import socket
+
+from cluster.ports import free_port_range, free_ports
+from serve_app import processes
+from serve_app.processes import _ephemeral_range
+
+
+def test_single_ports_are_distinct_free_and_outside_the_ephemeral_range():
+    ephemeral = _ephemeral_range()
+    ports = free_ports(40)
+    assert len(set(ports)) == 40
+    assert not [p for p in ports if p in ephemeral]
+    for p in ports:  # each can be bound now
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_a_port_handed_out_is_not_handed_out_again_before_it_is_bound():
+    first = set(free_ports(200))
+    second = set(free_ports(200))
+    assert not first & second
+
+
+def test_a_bound_port_is_never_chosen(monkeypatch):
+    pool = range(30100, 30120)
+    monkeypatch.setattr(processes, "_LISTENER_POOLS", (pool,))
+    monkeypatch.setattr(processes, "_handed_out", set())
+    taken = next(p for p in pool if processes.port_free(p))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", taken))
+        chosen = free_ports(10)  # 50 draws per port from 20: every port is tried
+    assert taken not in chosen and len(set(chosen)) == 10
+
+
+def test_a_port_range_lies_below_the_single_ports_and_is_free():
+    lo, hi = free_port_range(50)
+    assert hi - lo == 49 and 20000 <= lo and hi < 30000

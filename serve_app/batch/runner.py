@@ -212,7 +212,8 @@ class BatchRun:
         """A slot of the service's concurrency, or False once the batch stops."""
         while self.stop_reason is None:
             try:
-                await asyncio.wait_for(self.service.semaphore.acquire(), 0.5)
+                async with asyncio.timeout(0.5):  # not wait_for: it can swallow a cancel
+                    await self.service.semaphore.acquire()
                 if self.stop_reason is None:
                     return True
                 self.service.semaphore.release()

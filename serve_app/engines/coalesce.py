@@ -44,7 +44,9 @@ async def coalesce(source: AsyncIterator[list[GenerateDelta]], interval_s: float
 
     A background task drains ``source`` into a buffer so the engine never waits on
     us; closing this generator cancels that task, which closes ``source`` (the
-    engine then aborts the request, as it would without coalescing).  An error from
+    engine then aborts the request, as it would without coalescing).  A cancel that
+    ``source`` swallows (Python 3.11's ``wait_for`` can) still stops the task at
+    its next chunk.  An error from
     ``source`` is raised after the text that came before it has been passed on.
     """
     if interval_s <= 0:
@@ -59,6 +61,7 @@ async def coalesce(source: AsyncIterator[list[GenerateDelta]], interval_s: float
     error: BaseException | None = None
     waiter: asyncio.Future | None = None
     wake_on_any = True                # False while holding a chunk back: only urgent wakes
+    stopping = False                  # we are closed: the pump must stop at its next chunk
 
     def wake() -> None:
         if waiter is not None and not waiter.done():
@@ -67,10 +70,13 @@ async def coalesce(source: AsyncIterator[list[GenerateDelta]], interval_s: float
     async def pump() -> None:
         nonlocal finished, error
         try:
-            async for chunk in source:
-                buffer.extend(chunk)
-                if wake_on_any or (chunk and chunk[-1].finish_reason):
-                    wake()
+            async with contextlib.aclosing(source):
+                async for chunk in source:
+                    if stopping:  # the source swallowed our cancel: close it instead
+                        break
+                    buffer.extend(chunk)
+                    if wake_on_any or (chunk and chunk[-1].finish_reason):
+                        wake()
         except Exception as exc:  # noqa: BLE001 - re-raised by the consumer below
             error = exc
         finally:
@@ -110,6 +116,7 @@ async def coalesce(source: AsyncIterator[list[GenerateDelta]], interval_s: float
                     raise error
                 return
     finally:
+        stopping = True
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

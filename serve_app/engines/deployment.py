@@ -13,10 +13,11 @@ with ``ingress: direct`` the replica that answers HTTP holds one as a plain obje
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,6 +35,33 @@ from serve_app.protocol import (
 )
 
 log = logging.getLogger("hpcserve.engines")
+
+
+@contextmanager
+def _closed_if_abandoned(stream: AsyncGenerator) -> Iterator[None]:
+    """Close ``stream`` if the task iterating us ends while we wait at a ``yield``.
+
+    Serve runs a streaming method inline in the task of its gRPC call, and grpc.aio
+    drives it as ``async for msg in handler: await context.write(msg)``: a cancel
+    (the caller left) that lands during the write ends that task with the handler
+    -- and this generator -- suspended, never closed until garbage collection runs.
+    Meanwhile coalesce's pump keeps the engine generating to ``max_tokens``
+    (seen in a repeat harness: 2 of 32 cancelled workflow members).
+    """
+    task = asyncio.current_task()
+    if task is None:
+        yield
+        return
+
+    def abandoned(_: asyncio.Task) -> None:
+        closing = asyncio.ensure_future(stream.aclose())
+        closing.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    task.add_done_callback(abandoned)
+    try:
+        yield
+    finally:
+        task.remove_done_callback(abandoned)
 
 
 class EngineDeployment:
@@ -54,10 +82,11 @@ class EngineDeployment:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         self._require("generate")
-        async with aclosing(coalesce(self.engine.generate(request),
-                                     self.stream_interval_s)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        chunks = coalesce(self.engine.generate(request), self.stream_interval_s)
+        async with aclosing(chunks):
+            with _closed_if_abandoned(chunks):
+                async for chunk in chunks:
+                    yield chunk
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._require("embed")

@@ -218,9 +218,10 @@ class Run:
         timeout = self.workflow.models[req.model].cold_start_timeout_s
         stream = self.workflow.call(req, retries)
         try:
-            try:
-                batch: list[GenerateDelta] | None = await asyncio.wait_for(anext(stream),
-                                                                           timeout)
+            batch: list[GenerateDelta] | None
+            try:  # asyncio.timeout: 3.11's wait_for can swallow a cancel (zmq client)
+                async with asyncio.timeout(timeout):
+                    batch = await anext(stream)
             except StopAsyncIteration:
                 batch = None
             while batch is not None:

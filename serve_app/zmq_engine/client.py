@@ -158,7 +158,8 @@ class EngineClient:
             await sock.send(wire.encode({**wire.embed_message(request), "request_id": rid}))
             while not future.done():  # a long queue is fine; a dead engine is not
                 try:
-                    await asyncio.wait_for(asyncio.shield(future), self.stall_timeout)
+                    async with asyncio.timeout(self.stall_timeout):
+                        await asyncio.shield(future)
                 except TimeoutError:
                     await self.health(self.health_timeout)
             message, answered = future.result(), True
@@ -171,9 +172,15 @@ class EngineClient:
         return wire.embedding_from_message(message)
 
     async def _wait(self, inbox: asyncio.Queue[dict[str, Any]]) -> dict[str, Any]:
+        """The next message; a health check after every ``stall_timeout`` of silence.
+
+        ``asyncio.timeout``, not ``wait_for``: Python 3.11's ``wait_for`` returns the
+        item instead of raising when a cancel lands as the item arrives -- with a
+        message every few ms, a cancelled stream then ran on to ``max_tokens``."""
         while True:
             try:
-                return await asyncio.wait_for(inbox.get(), self.stall_timeout)
+                async with asyncio.timeout(self.stall_timeout):
+                    return await inbox.get()
             except TimeoutError:
                 await self.health(self.health_timeout)  # raises if the engine is gone
 
@@ -184,7 +191,8 @@ class EngineClient:
         self._calls[rid] = future
         try:
             await sock.send(wire.encode({"type": kind, "request_id": rid}))
-            message = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                message = await future
         except TimeoutError:
             raise EngineUnavailable(
                 f"engine at {self.address} did not answer {kind!r} within {timeout:g}s") from None

@@ -91,6 +91,34 @@ def test_closing_the_stream_closes_the_engine_side():
     assert asyncio.run(run()) == ["source closed"]
 
 
+def test_a_source_that_swallows_the_cancel_is_still_closed_at_its_next_chunk():
+    """Python 3.11's ``wait_for`` returns the item that arrives with a cancel; an
+    engine client built on it would stream on to its end after the client left."""
+    log: list[str] = []
+
+    async def deaf(n: int):
+        try:
+            for i in range(n):
+                try:
+                    await asyncio.sleep(0.002)
+                except asyncio.CancelledError:
+                    pass  # swallowed, as by wait_for when the item arrives with it
+                log.append(f"token {i}")
+                yield [GenerateDelta(text="t", num_tokens=1)]
+        finally:
+            log.append("source closed")
+
+    async def run():
+        stream = coalesce(deaf(1000), 0.020)
+        async for _ in stream:
+            break
+        await stream.aclose()
+        return log[:]
+
+    seen = asyncio.run(run())
+    assert seen[-1] == "source closed" and len(seen) < 20, seen
+
+
 def test_deltas_with_logprobs_are_kept_apart():
     async def source():
         for i in range(4):

@@ -185,3 +185,48 @@ def test_the_engine_is_stopped_once(host):
     h.__del__()          # Serve's graceful stop
     h.shutdown()         # and the atexit hook, later
     assert engine.stopped == 1
+
+
+class _EndlessEngine(FakeEngine):
+    """Streams until closed; records whether the request was closed (aborted)."""
+
+    async def generate(self, request: GenerateRequest):
+        self.closed = False
+        try:
+            while True:
+                await asyncio.sleep(0.005)
+                yield [GenerateDelta(text="t", num_tokens=1)]
+        finally:
+            self.closed = True
+
+
+@pytest.mark.parametrize("interval_ms", [0.0, 20.0])
+def test_a_call_cancelled_while_its_chunk_is_written_closes_the_engine_request(
+        host, monkeypatch, interval_ms):
+    """grpc.aio drives Serve's streaming handler as ``async for m in gen: await
+    write(m)``; a cancel that lands in the write leaves the generator suspended."""
+    monkeypatch.setattr(deployment_module, "ENGINES", {**ENGINES, "zmq": _Spec(_EndlessEngine)})
+    h = EngineDeployment({"name": "m", "stream_interval_ms": interval_ms,
+                          "engine_args": {"model_path": "/models/x", "max_batch": 8}})
+
+    async def scenario() -> bool:
+        gen = h.generate(GenerateRequest(request_id="r", model="m", prompt="x"))
+        writing = asyncio.Event()
+
+        async def grpc_handler():
+            async for _ in gen:
+                writing.set()
+                await asyncio.sleep(60)  # the write the cancel lands in
+
+        task = asyncio.create_task(grpc_handler())
+        await writing.wait()
+        task.cancel()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if h.engine.closed:
+                break
+        closed = h.engine.closed
+        del gen  # still referenced until here: garbage collection did not close it
+        return closed
+
+    assert asyncio.run(scenario())

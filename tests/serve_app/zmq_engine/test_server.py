@@ -234,6 +234,30 @@ def test_a_silent_engine_fails_the_stream_instead_of_hanging() -> None:
     asyncio.run(body())
 
 
+def test_a_cancel_that_lands_as_a_message_arrives_is_not_swallowed() -> None:
+    """Python 3.11's ``wait_for`` returns the item instead of raising in this race;
+    the stream then ran on to ``max_tokens`` after its caller left."""
+    async def race(spins: int) -> str:
+        client = EngineClient("tcp://127.0.0.1:1", stall_timeout=30)
+        inbox: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(client._wait(inbox))
+        await asyncio.sleep(0.01)  # waiting on the inbox
+        inbox.put_nowait({"type": "delta"})
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        if task.done():
+            return "answered before the cancel"
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "swallowed"
+
+    outcomes = [asyncio.run(race(spins)) for spins in range(4)]
+    assert "swallowed" not in outcomes and "cancelled" in outcomes, outcomes
+
+
 def test_an_embedding_engine_embeds_over_the_wire_and_refuses_generation(engine) -> None:
     """``--task embed``: ``embed`` messages get float32 matrices back (concurrent ones
     share forward passes); ``submit`` is a 400, as ``embed`` is to a generation engine."""

@@ -116,10 +116,12 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 # deploy, engines, test servers) must not come from the kernel's ephemeral range:
 # in between, any outgoing connection (Ray opens many) may take the port as its
 # source port and the later bind fails with "Address already in use".  Single ports
-# therefore come from 30000-32767 and 61000-65535, outside Linux's default
-# ephemeral range (32768-60999), Ray's defaults and our port ranges (20000-29999).
-_LISTENER_POOLS = (range(30000, 32768), range(61000, 65536))
+# therefore come from 31000-32767 and 61000-65535, outside Linux's default
+# ephemeral range (32768-60999), Ray's defaults (Serve's direct-ingress ports are
+# 30000-30999 in a stock Ray) and our port ranges (20000-29999).
+_LISTENER_POOLS = (range(31000, 32768), range(61000, 65536))
 _handed_out: set[int] = set()
+_warned: list[bool] = []
 
 
 def _ephemeral_range() -> range:
@@ -140,6 +142,13 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """
     ephemeral = _ephemeral_range()
     pool = [p for r in _LISTENER_POOLS for p in r if p not in ephemeral]
+    if not pool and not _warned:
+        _warned.append(True)
+        import logging
+        logging.getLogger("hpcserve").warning(
+            "the kernel's ephemeral port range %s-%s covers hpcserve's listener ports: "
+            "ports are the kernel's choice, which an outgoing connection may take before "
+            "they are bound", ephemeral.start, ephemeral.stop - 1)
     if len(_handed_out) > len(pool) // 2:
         _handed_out.clear()
     rng = random.Random()

@@ -64,6 +64,7 @@ class Profile:
     by_layer: Counter = field(default_factory=Counter)      # by the leaf frame's layer
     by_leaf: Counter = field(default_factory=Counter)       # by the leaf function
     by_ours: Counter = field(default_factory=Counter)       # by the innermost hpcserve frame
+    error: list[str] = field(default_factory=list)          # why there are no samples
 
     @classmethod
     def parse(cls, text: str) -> Profile:
@@ -84,7 +85,7 @@ class Profile:
 
     def table(self, title: str, top: int = 8) -> list[str]:
         if not self.samples:
-            return [f"**{title}**: no samples", ""]
+            return [f"**{title}**: no samples ({'; '.join(self.error) or 'idle'})", ""]
         pct = lambda n: f"{100 * n / self.samples:.0f} %"  # noqa: E731
         lines = [f"**{title}** ({self.samples} samples)", "",
                  "| where the samples were (leaf frame) | share |", "| --- | ---: |"]
@@ -112,14 +113,17 @@ class Profiler:
     def _raw(self, label: str) -> Path:
         return self.out / f"{label.replace(' ', '_').replace('/', '_')}.stacks.txt"
 
+    def _log(self, label: str) -> Path:
+        return self.out / f"{label.replace(' ', '_').replace('/', '_')}.py-spy.log"
+
     def start(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         for label, pid in self.targets.items():
-            log = open(self.out / "py-spy.log", "a")  # noqa: SIM115 - closed with the process
-            self.procs[label] = subprocess.Popen(
-                [self.py_spy, "record", "--pid", str(pid), "--format", "raw", "--nonblocking",
-                 "--rate", str(self.rate), "-o", str(self._raw(label))],
-                stdout=log, stderr=subprocess.STDOUT)
+            with open(self._log(label), "w") as log:  # the child keeps its own copy
+                self.procs[label] = subprocess.Popen(
+                    [self.py_spy, "record", "--pid", str(pid), "--format", "raw",
+                     "--nonblocking", "--rate", str(self.rate), "-o", str(self._raw(label))],
+                    stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self, timeout: float = 30) -> dict[str, Profile]:
         """Stop sampling (py-spy writes its file on SIGINT); each target's profile."""
@@ -133,5 +137,11 @@ class Profiler:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        return {label: Profile.parse(self._raw(label).read_text())
-                if self._raw(label).exists() else Profile() for label in self.targets}
+        out: dict[str, Profile] = {}
+        for label in self.targets:
+            if self._raw(label).exists():
+                out[label] = Profile.parse(self._raw(label).read_text())
+            else:  # py-spy could not attach (permissions) or the process was gone
+                out[label] = Profile(error=self._log(label).read_text(errors="replace")
+                                     .strip().splitlines()[:1] or ["py-spy wrote nothing"])
+        return out

@@ -58,7 +58,8 @@ class AccessClient:
         self.start()
         if not self.synced.is_set():
             try:
-                await asyncio.wait_for(self.synced.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await self.synced.wait()
             except asyncio.TimeoutError:
                 pass
 

@@ -128,7 +128,8 @@ class LedgerServer:
             if not self.cfg.shed_floods and self.shed_map.error is None:
                 return
             try:  # at the next refusal reported, or a tick (a shed's time running out)
-                await asyncio.wait_for(self.refusals.wait(), self.cfg.sync_interval_s)
+                async with asyncio.timeout(self.cfg.sync_interval_s):  # not wait_for:
+                    await self.refusals.wait()                         # it can swallow a stop
             except asyncio.TimeoutError:
                 pass
 

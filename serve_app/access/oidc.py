@@ -131,13 +131,14 @@ class OIDCVerifier:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         while True:
             try:
-                ok = await asyncio.wait_for(asyncio.to_thread(self.load_now),
-                                            FETCH_TIMEOUT_S + 1)
+                async with asyncio.timeout(FETCH_TIMEOUT_S + 1):  # not wait_for: it
+                    ok = await asyncio.to_thread(self.load_now)   # can swallow a stop
             except asyncio.TimeoutError:
                 ok, self.last_error = False, "loading JWKS: timed out"
             delay = self.cfg.jwks_refresh_s if ok else min(self.cfg.jwks_refresh_s, RETRY_S)
             try:
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()

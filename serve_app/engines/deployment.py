@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import aclosing, contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,9 +37,9 @@ from serve_app.protocol import (
 log = logging.getLogger("hpcserve.engines")
 
 
-@contextmanager
-def _closed_if_abandoned(stream: AsyncGenerator) -> Iterator[None]:
-    """Close ``stream`` if the task iterating us ends while we wait at a ``yield``.
+class _ClosedIfAbandoned:
+    """Closes an engine stream if the task iterating it ends while it waits at a
+    ``yield``; ``aclose()`` then waits for that close instead of starting another.
 
     Serve runs a streaming method inline in the task of its gRPC call, and grpc.aio
     drives it as ``async for msg in handler: await context.write(msg)``: a cancel
@@ -47,21 +47,38 @@ def _closed_if_abandoned(stream: AsyncGenerator) -> Iterator[None]:
     -- and this generator -- suspended, never closed until garbage collection runs.
     Meanwhile coalesce's pump keeps the engine generating to ``max_tokens``
     (seen in a repeat harness: 2 of 32 cancelled workflow members).
+
+    It watches the task that asks for the first item.  Every consumer of
+    ``EngineDeployment.generate`` iterates it from one task for its whole life, or
+    from a task that outlives the iteration (direct HTTP: the request's task takes
+    the first chunk, Starlette's streaming task the rest); a consumer that ran each
+    ``__anext__`` in a task of its own would be cut off after one item.
     """
-    task = asyncio.current_task()
-    if task is None:
-        yield
-        return
 
-    def abandoned(_: asyncio.Task) -> None:
-        closing = asyncio.ensure_future(stream.aclose())
-        closing.add_done_callback(lambda f: f.cancelled() or f.exception())
+    _closing: set[asyncio.Task] = set()  # strong references until each close is done
 
-    task.add_done_callback(abandoned)
-    try:
-        yield
-    finally:
-        task.remove_done_callback(abandoned)
+    def __init__(self, stream: AsyncGenerator):
+        self.stream, self.task, self.closing = stream, asyncio.current_task(), None
+        if self.task is not None:
+            self.task.add_done_callback(self._abandoned)
+
+    def _abandoned(self, _: asyncio.Task) -> None:
+        self.closing = asyncio.ensure_future(self.stream.aclose())
+        self._closing.add(self.closing)
+        self.closing.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("closing an abandoned engine stream failed: %r", task.exception())
+
+    async def aclose(self) -> None:
+        if self.task is not None:
+            self.task.remove_done_callback(self._abandoned)
+        if self.closing is None:
+            await self.stream.aclose()
+        elif not self.closing.done():
+            await asyncio.wait([self.closing])
 
 
 class EngineDeployment:
@@ -83,10 +100,9 @@ class EngineDeployment:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[GenerateDelta]]:
         self._require("generate")
         chunks = coalesce(self.engine.generate(request), self.stream_interval_s)
-        async with aclosing(chunks):
-            with _closed_if_abandoned(chunks):
-                async for chunk in chunks:
-                    yield chunk
+        async with aclosing(_ClosedIfAbandoned(chunks)):
+            async for chunk in chunks:
+                yield chunk
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._require("embed")

@@ -2,6 +2,8 @@
 
 import socket
 
+import pytest
+
 from cluster.ports import free_port_range, free_ports
 from serve_app import processes
 from serve_app.processes import _ephemeral_range
@@ -9,6 +11,8 @@ from serve_app.processes import _ephemeral_range
 
 def test_single_ports_are_distinct_free_and_outside_the_ephemeral_range():
     ephemeral = _ephemeral_range()
+    if all(p in ephemeral for r in processes._LISTENER_POOLS for p in r):
+        pytest.skip(f"this kernel's ephemeral range {ephemeral} covers the pools")
     ports = free_ports(40)
     assert len(set(ports)) == 40
     assert not [p for p in ports if p in ephemeral]
@@ -17,14 +21,15 @@ def test_single_ports_are_distinct_free_and_outside_the_ephemeral_range():
             s.bind(("127.0.0.1", p))
 
 
-def test_a_port_handed_out_is_not_handed_out_again_before_it_is_bound():
+def test_a_port_handed_out_is_not_handed_out_again_before_it_is_bound(monkeypatch):
+    monkeypatch.setattr(processes, "_handed_out", set())
     first = set(free_ports(200))
     second = set(free_ports(200))
     assert not first & second
 
 
 def test_a_bound_port_is_never_chosen(monkeypatch):
-    pool = range(30100, 30120)
+    pool = range(31100, 31120)
     monkeypatch.setattr(processes, "_LISTENER_POOLS", (pool,))
     monkeypatch.setattr(processes, "_handed_out", set())
     taken = next(p for p in pool if processes.port_free(p))

@@ -52,6 +52,8 @@ def test_a_live_process_is_sampled_without_stopping_it(tmp_path):
         time.sleep(1.5)
         (prof,) = profiler.stop().values()
         assert spin.poll() is None  # sampled, never stopped
+        if prof.error and "ermission" in " ".join(prof.error):
+            pytest.skip(f"py-spy may not attach here: {prof.error}")
     finally:
         spin.kill()
         spin.wait()

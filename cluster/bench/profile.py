@@ -101,7 +101,7 @@ class Profiler:
     """py-spy on each of ``targets`` ({label: pid}) from ``start()`` to ``stop()``."""
 
     def __init__(self, targets: dict[str, int], out: Path, py_spy: str | None = None,
-                 rate: int = 100):
+                 rate: int = 50):
         self.targets, self.out, self.rate = targets, out, rate
         self.py_spy = py_spy or shutil.which("py-spy") or str(
             Path(__file__).resolve().parents[2] / ".venv-tools" / "bin" / "py-spy")

@@ -74,7 +74,12 @@ def _cmd_deploy(args) -> int:
     head = HeadInfo.load(run_dir_of(home))
     for change in ingress_mode_changes(serve_status(head), config.serve):
         print(f"hpcserve: note: {change}", file=sys.stderr)
-    deploy_serve(head, config.serve)
+    import yaml
+
+    from cluster import model_routes
+    serve_config = model_routes.publish(head, config.serve)
+    (run_dir_of(home) / "serve.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
+    deploy_serve(head, serve_config)
     print("deployed")
     return 0
 

@@ -233,6 +233,11 @@ def load_config(path: str | Path | None = None,
             raise ConfigError(f"{source}: {err}") from None
         authenticated &= args.authenticated
         _check_models_fit(cluster, args, f"applications.{i}.args", source)
+        if args.own_app_models and app.get("route_prefix", "/") != "/":
+            raise ConfigError(
+                f"{source}: applications.{i}.route_prefix: 'direct' with several models or "
+                "workflows needs the app at '/' (HAProxy routes each request to its model's "
+                "application by the model it names); use 'routed' elsewhere")
     http = data.get("http_options") or {}
     if not isinstance(http, dict):
         raise ConfigError(f"{source}: http_options: a mapping is expected")

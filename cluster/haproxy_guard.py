@@ -19,6 +19,8 @@ What the template leaves that a shared login node must not have:
   OpenAI-shaped JSON, 503 with ``Retry-After`` (504 keeps its status);
 * a managed key whose clients flood past its rate limit is refused by HAProxy
   itself, from a map the access ledger keeps (``serve_app/access/shed.py``);
+* with models in applications of their own, a request goes to its model's
+  application by the ``model`` its body names (``cluster/model_routes.py``);
 * with no credentials every Serve socket binds loopback (``HPCSERVE_SERVE_BIND_HOST``
   is 127.0.0.1), so replicas on this machine's other loopback addresses
   (127.0.0.10, ...) are reached at 127.0.0.1.
@@ -36,6 +38,7 @@ import re
 import sys
 from pathlib import Path
 
+from cluster import model_routes
 from serve_app.access import shed
 
 LOOPBACK = "127.0.0.1"
@@ -94,6 +97,12 @@ def rewrite(config: str, *, http_host: str, serve_bind_host: str, error_dir: Pat
     if shed_dir is not None and "txn.hpcserve_shed" not in config:
         config = sub(r"^(frontend http_frontend\n\s*bind \S+\n)",
                      lambda m: m[1] + shed.frontend_rules(shed_dir), config,
+                     "http frontend bind", count=1)
+    if shed_dir is not None and "txn.hpcserve_model" not in config \
+            and (shed_dir / model_routes.MAP_FILE).exists() \
+            and (shed_dir / model_routes.MAP_FILE).stat().st_size:
+        config = sub(r"^(frontend http_frontend\n\s*bind \S+\n(?:.*hpcserve_shed.*\n|\s*#.*\n)*)",
+                     lambda m: m[1] + model_routes.frontend_rules(shed_dir), config,
                      "http frontend bind", count=1)
     for status in (502, 503, 504):
         page = error_dir / f"hpcserve-{status}.http"

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from cluster import model_routes
 from cluster.batches import set_batch_paths
 from cluster.config import (
     APP_IMPORT_PATH,
@@ -71,7 +72,6 @@ def up(config_path: str | None, home: Path, wait: bool = True, timeout_s: float 
     t0 = time.monotonic()
     (run_dir / "config.yaml").write_text(
         Path(config_path).read_text() if config_path else default_config_text())
-    (run_dir / "serve.yaml").write_text(yaml.safe_dump(config.serve, sort_keys=False))
     progress(f"config: {config.source}")
     for warning in config.warnings():
         progress(f"WARNING: {warning}")
@@ -80,7 +80,9 @@ def up(config_path: str | None, home: Path, wait: bool = True, timeout_s: float 
     progress(f"ray head up ({time.monotonic() - t0:.1f}s): gcs {head.gcs_address}, "
              f"dashboard {head.dashboard_url}")
     control_pid = start_control(run_dir, head)
-    deploy_serve(head, config.serve)
+    serve_config = model_routes.publish(head, config.serve)  # apps of their own, HAProxy's map
+    (run_dir / "serve.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
+    deploy_serve(head, serve_config)
     progress(f"serve config deployed; control loop supervisor pid {control_pid}")
     if wait:
         wait_ready(head, config, timeout_s, progress, t0)

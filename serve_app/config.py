@@ -75,6 +75,10 @@ class ModelConfig(_Strict):
         "batch job queued) before a 503 model_starting with Retry-After; enforced by "
         "the routed ingress (`auto` picks it for a model with autoscaling.min_replicas "
         "0; `direct` is refused for such a model)"))
+    failover: bool = Field(default=False, description=(
+        "with `ingress: direct` and several models: keep this model on the app's router, "
+        "whose streams continue on another replica when theirs dies mid-stream (one hop "
+        "more per token); other models get an application of their own"))
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
@@ -123,9 +127,10 @@ class AppConfig(_Strict):
     ingress: Literal["auto", "routed", "direct"] = Field(
         default="auto", description="routed: one ingress replica on the head routes to the "
         "engines and retries a failed stream on another replica; direct: the engine replicas "
-        "answer HTTP themselves (one model only, not one that scales to zero; one hop "
-        "less, no mid-stream failover); auto: direct for one always-on model, routed "
-        "otherwise")
+        "answer HTTP themselves (one hop less, no mid-stream failover; with several models "
+        "or workflows each always-on model gets an application of its own that HAProxy "
+        "routes to by the request's model, and the app itself serves the rest); auto: "
+        "direct for one always-on model, routed otherwise")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppConfig":
@@ -195,27 +200,16 @@ class AppConfig(_Strict):
 
     @field_validator("ingress")
     @classmethod
-    def _direct_needs_one_model(cls, value: str, info: ValidationInfo) -> str:
+    def _direct_model_that_may_go_cold(cls, value: str, info: ValidationInfo) -> str:
         models = info.data.get("models") or []
-        if value == "direct" and len(models) != 1:
-            raise ValueError(f"'direct' serves exactly one model, the config has "
-                             f"{len(models)}; use 'routed' or 'auto'")
-        if value == "direct" and _may_go_cold(models):
+        if value == "direct" and len(models) == 1 and _may_go_cold(models) \
+                and not info.data.get("workflows"):
             raise ValueError(
                 "a model that scales to zero (models.0.autoscaling.min_replicas: 0) needs "
                 "the routed ingress, which holds a request for it up to "
                 "cold_start_timeout_s and then answers 503 model_starting; on 'direct' "
                 "Serve's proxy holds it with no limit, and /v1/models with it.  Use "
                 "'routed' or 'auto'")
-        return value
-
-    @field_validator("ingress")
-    @classmethod
-    def _routed_for_workflows(cls, value: str, info: ValidationInfo) -> str:
-        if value == "direct" and info.data.get("workflows"):
-            raise ValueError("'direct' cannot run workflows: they run in the routed "
-                             "ingress, next to every model's engine; use 'routed' or "
-                             "'auto'")
         return value
 
     @property
@@ -237,6 +231,16 @@ class AppConfig(_Strict):
             return "routed"
         return "direct" if len(self.models) == 1 and not _may_go_cold(self.models) \
             else "routed"
+
+    @property
+    def own_app_models(self) -> list[str]:
+        """The models served by an application of their own (``serve_app.layout``):
+        with ``direct`` and several models or workflows, every model that cannot
+        scale to zero (the router holds a cold model's requests, bounded) and does
+        not ask for ``failover`` (the router's mid-stream failover)."""
+        if self.ingress_mode != "direct" or (len(self.models) == 1 and not self.workflows):
+            return []
+        return [m.name for m in self.models if not _may_go_cold([m]) and not m.failover]
 
     def load_api_keys(self) -> list[str]:
         keys = list(self.api_keys)

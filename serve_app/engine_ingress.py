@@ -25,9 +25,12 @@ from __future__ import annotations
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
+from ray import serve
+
 from serve_app.api.server import OpenAIServer, openai_deployment
 from serve_app.engines.deployment import EngineDeployment
 from serve_app.errors import APIError, as_engine_error
+from serve_app.layout import LEDGER_DEPLOYMENT
 from serve_app.protocol import EmbedRequest, EmbedResult, GenerateDelta, GenerateRequest
 
 
@@ -40,7 +43,11 @@ def _client_error(exc: Exception) -> Exception:
 class EngineIngress(OpenAIServer):
     """OpenAI routes in front of the app's one model's engine, in the same replica."""
 
-    def __init__(self, config: dict[str, Any], ledger: Any = None, batch: Any = None):
+    def __init__(self, config: dict[str, Any], ledger: Any = None, batch: Any = None,
+                 ledger_app: str | None = None):
+        if ledger_app is not None:  # a model's own application: the router app's ledger
+            ledger = serve.get_deployment_handle(LEDGER_DEPLOYMENT, ledger_app,
+                                                 _check_exists=False)
         super().__init__(config, ledger, batch)
         (model,) = self.config.models
         self.host = EngineDeployment(model.model_dump())

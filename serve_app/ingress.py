@@ -15,6 +15,7 @@ import asyncio
 import logging
 from typing import Any, AsyncIterator
 
+from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
@@ -37,10 +38,15 @@ class RoutedIngress(OpenAIServer):
     COLD_START_WAIT = True  # the engine deployment may be scaled to zero
 
     def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle],
-                 ledger: DeploymentHandle | None = None, batch: DeploymentHandle | None = None):
+                 ledger: DeploymentHandle | None = None, batch: DeploymentHandle | None = None,
+                 remote: dict[str, tuple[str, str]] | None = None):
+        """``remote``: model -> (deployment, app) of engines in an application of their
+        own (``serve_app.layout``), reached by name (they may deploy after us)."""
         super().__init__(config, ledger, batch)
-        self.handles = engines
-        self.engines = {name: h.options(stream=True) for name, h in engines.items()}
+        self.handles = {**engines, **{
+            model: serve.get_deployment_handle(name, app, _check_exists=False)
+            for model, (name, app) in (remote or {}).items()}}
+        self.engines = {name: h.options(stream=True) for name, h in self.handles.items()}
         self.workflow_runners = {w.name: build_workflow(w, self._engine_stream, self.models)
                                  for w in self.config.workflows}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Self
@@ -62,14 +63,19 @@ def proc_snapshot() -> dict[int, tuple[int, float, str]]:
     return out
 
 
+# an engine replica's process title: in the app, or in a model's own app (`hpcserve.m.X`)
+ENGINE_REPLICA = re.compile(r"ServeReplica:hpcserve(\.m\.[^:]+)?:engine-")
+
+
 def component(cmd: str, in_engine_replica: bool, bare_side: bool) -> str:
     if bare_side:
         return ("bare: api_server (HTTP, detokenize)" if "vllm.entrypoints" in cmd
                 else "bare: vLLM EngineCore + worker")
     if in_engine_replica and "ray::" not in cmd:
         return "hpcserve: vLLM EngineCore + worker"  # children of the engine replica
+    if ENGINE_REPLICA.search(cmd):
+        return "hpcserve: engine replica (AsyncLLM, Serve)"
     for key, name in (("ServeReplica:hpcserve:Ingress", "hpcserve: ingress replica"),
-                      ("ServeReplica:hpcserve:engine-", "hpcserve: engine replica (AsyncLLM, Serve)"),
                       ("haproxy", "hpcserve: HAProxy"), ("ProxyActor", "hpcserve: Serve proxy actors"),
                       ("HAProxyManager", "hpcserve: Serve proxy actors"),
                       ("ServeController", "hpcserve: Serve controller")):
@@ -142,7 +148,7 @@ class CpuAccount:
             for _ in range(8):  # is an engine replica among its ancestors?
                 if anc not in after:
                     break
-                if "ServeReplica:hpcserve:engine-" in after[anc][2]:
+                if ENGINE_REPLICA.search(after[anc][2]):
                     in_replica = True
                     break
                 anc = after[anc][0]

@@ -36,12 +36,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ZeroMQ", ("zmq/",)),
     ("engine (vLLM, torch)", ("vllm/", "torch/", "transformers/", "tokenizers/")),
     ("logging", ("logging/",)),
+    ("threads (waiting, pools)", ("threading.py", "concurrent/futures/", "queue.py")),
 )
 
 
 def layer_of(frame: str) -> str:
     """``func (path/file.py:12)`` -> its layer; "other" when no prefix matches."""
     path = frame[frame.rfind("(") + 1:].rstrip(")") if "(" in frame else frame
+    path = path.rpartition("site-packages/")[2]  # an installed package's own path
     for name, prefixes in LAYERS:
         if path.startswith(prefixes):
             return name
@@ -101,7 +103,7 @@ class Profiler:
     """py-spy on each of ``targets`` ({label: pid}) from ``start()`` to ``stop()``."""
 
     def __init__(self, targets: dict[str, int], out: Path, py_spy: str | None = None,
-                 rate: int = 100):
+                 rate: int = 50):
         self.targets, self.out, self.rate = targets, out, rate
         self.py_spy = py_spy or shutil.which("py-spy") or str(
             Path(__file__).resolve().parents[2] / ".venv-tools" / "bin" / "py-spy")
@@ -145,3 +147,9 @@ class Profiler:
                 out[label] = Profile(error=self._log(label).read_text(errors="replace")
                                      .strip().splitlines()[:1] or ["py-spy wrote nothing"])
         return out
+
+
+if __name__ == "__main__":  # python -m cluster.bench.profile DIR: the tables again
+    import sys
+    for raw in sorted(Path(sys.argv[1]).glob("*.stacks.txt")):
+        print("\n".join(Profile.parse(raw.read_text()).table(raw.name.split(".")[0])))

@@ -63,8 +63,11 @@ def _not_found(kind: str, object_id: str) -> dict[str, Any]:
 
 
 class BatchServer:
-    def __init__(self, config: dict[str, Any], ledger: Any = None):
+    def __init__(self, config: dict[str, Any], ledger: Any = None,
+                 model_apps: dict[str, str] | None = None):
+        """``model_apps``: model -> the application of its own it is served by."""
         self.config = AppConfig.model_validate(config)
+        self.model_apps = model_apps or {}
         self.cfg = self.config.batch
         missing = self.cfg.paths_missing()
         if missing:
@@ -160,7 +163,9 @@ class BatchServer:
         handle = self._engines.get(model)
         if handle is None:
             name = self.models[model].deployment_options()["name"]
-            handle = serve.get_deployment_handle(name, self.app_name).options(stream=True)
+            app = self.model_apps.get(model, self.app_name)
+            handle = serve.get_deployment_handle(name, app, _check_exists=False
+                                                 ).options(stream=True)
             self._engines[model] = handle
         return handle
 
@@ -369,7 +374,8 @@ BatchService = serve.deployment(name="batch", num_replicas=1, max_ongoing_reques
                                 )(BatchServer)
 
 
-def batch_service(config: AppConfig, ledger: Any, on_head: dict[str, Any]):
+def batch_service(config: AppConfig, ledger: Any, on_head: dict[str, Any],
+                  model_apps: dict[str, str] | None = None):
     """The bound deployment for ``build_app``, or None when ``batch.enabled`` is off."""
     if not config.batch.enabled:
         return None
@@ -377,4 +383,5 @@ def batch_service(config: AppConfig, ledger: Any, on_head: dict[str, Any]):
     if missing:
         raise ConfigError(f"args.batch: {', '.join(missing)} must be set (`hpcserve up` "
                           "sets them under its home; with `serve deploy`, give the paths)")
-    return BatchService.options(ray_actor_options=on_head).bind(config.model_dump(), ledger)
+    return BatchService.options(ray_actor_options=on_head).bind(config.model_dump(), ledger,
+                                                               model_apps)

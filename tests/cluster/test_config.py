@@ -42,8 +42,9 @@ def test_embedded_default_is_valid():
     ({"applications": [{**APP, "args": {"models": [
         {"name": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 1}}]}}]},
      "applications.0.args.models.0.autoscaling"),
-    ({"applications": [{**APP, "args": {"ingress": "direct", "models": [
-        {"name": "m"}, {"name": "n"}]}}]}, "applications.0.args.ingress"),
+    # several models served directly are routed by HAProxy from the app at `/`
+    ({"applications": [{**APP, "route_prefix": "/x", "args": {"ingress": "direct", "models": [
+        {"name": "m"}, {"name": "n"}]}}]}, "applications.0.route_prefix"),
     ({"applications": [{**APP, "args": {"ingress": "proxy", "models": [{"name": "m"}]}}]},
      "applications.0.args.ingress"),
     ({"applications": [{**APP, "args": {"ingress": "direct", "models": [

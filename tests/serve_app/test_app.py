@@ -26,3 +26,31 @@ def test_auto_routes_several_models_through_the_ingress():
 def test_routed_can_be_asked_for_with_one_model():
     assert _deployments({"ingress": "routed", "models": [{"name": "a"}]}) == (
         "Ingress", ["engine-a"])
+
+
+def test_a_split_app_routes_to_engines_in_apps_of_their_own_and_keeps_a_cold_one():
+    """``hpcserve up`` splits ``direct`` with several models (``cluster.model_routes``):
+    the router reaches the always-on models' engines by name, hosts the cold one."""
+    from serve_app.layout import LAYOUT_ARG
+    cold = {"name": "c", "autoscaling": {"min_replicas": 0, "max_replicas": 1}}
+    args = {"ingress": "direct", "models": [{"name": "a"}, {"name": "b"}, cold],
+            LAYOUT_ARG: {"model_apps": {"a": "hpcserve.m.a", "b": "hpcserve.m.b"}}}
+    bound = build_app(args)._bound_deployment
+    assert bound.name == "Ingress"
+    assert sorted(d._bound_deployment.name for d in bound.init_args[1].values()) == ["engine-c"]
+    assert bound.init_args[4] == {"a": ("engine-a", "hpcserve.m.a"),
+                                  "b": ("engine-b", "hpcserve.m.b")}
+
+
+def test_a_models_own_app_is_its_engine_replica_answering_http():
+    from serve_app.app import build_model_app
+    from serve_app.config import AppConfig
+    from serve_app.layout import LAYOUT_ARG
+    args = {"ingress": "direct", "api_keys": ["k"], "models": [{"name": "a"}, {"name": "b"}],
+            "access": {"store": "/tmp/x.db"},
+            LAYOUT_ARG: {"model": "b", "router_app": "hpcserve"}}
+    bound = build_model_app(args)._bound_deployment
+    assert bound.name == "engine-b"
+    config = AppConfig.model_validate(bound.init_args[0])
+    assert [m.name for m in config.models] == ["b"] and config.api_keys == ["k"]
+    assert bound.init_args[1:] == (None, None, "hpcserve")  # the router app's ledger

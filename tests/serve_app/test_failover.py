@@ -1,6 +1,7 @@
 """The routed ingress's mid-stream failover, with a real engine replica killed.
 
-``ingress: routed`` exists for this (and for several models): when the engine
+The routed ingress (``ingress: routed``, or a model with ``failover: true`` on
+``direct``, as here) exists for this: when the engine
 replica a stream is on dies, the ingress asks another replica to continue from
 the text already sent, and the client sees one uninterrupted stream.  Two
 allocations, one engine replica on each; the replica generating the stream is
@@ -26,12 +27,25 @@ MAX_TOKENS = 1200  # ~2.5 s at the tiny model's c=1 speed: the kill lands mid-st
 
 @pytest.fixture(scope="module")
 def stack(hpcserve_stack):
+    """Two models on ``ingress: direct``: ``tiny`` asks for failover and stays on the
+    router; ``other`` gets an application of its own (``test_model_apps.py``)."""
     s = hpcserve_stack(
         name="failover", pool={"min_allocations": 2},
-        args={"ingress": "routed", "models": [
-            {"name": "tiny", "engine": "zmq", "max_model_len": 2048, "num_replicas": 2}]})
+        args={"ingress": "direct", "models": [
+            {"name": "tiny", "engine": "zmq", "max_model_len": 2048, "num_replicas": 2,
+             "failover": True, "resources": {"hpc_slot": 0.5}},
+            {"name": "other", "engine": "zmq", "max_model_len": 2048,
+             "resources": {"hpc_slot": 0.5}}]})
     yield s
     s.down()
+
+
+def test_the_failover_model_is_on_the_router_and_the_other_has_its_own_app(stack):
+    import json
+    status = json.loads(stack.cli("status", "--json").stdout)
+    apps = {name: set(a["deployments"]) for name, a in status["applications"].items()}
+    assert apps == {"hpcserve": {"Ingress", "engine-tiny"},
+                    "hpcserve.m.other": {"engine-other"}}
 
 
 def _job_sessions(home: Path) -> set[int]:

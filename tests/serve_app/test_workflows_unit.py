@@ -90,10 +90,12 @@ def test_a_workflow_may_not_call_a_workflow_nor_share_a_name():
     assert "args.workflows.2.name: workflow names must be unique, 'other'" in message
 
 
-def test_direct_ingress_with_workflows_is_an_error_naming_ingress():
-    message = _error({"models": [{"name": "model-a"}], "ingress": "direct",
-                      "workflows": [{**TRIBUNAL, "members": ["model-a"], "judge": "model-a"}]})
-    assert "args.ingress: Value error, 'direct' cannot run workflows" in message
+def test_direct_ingress_with_workflows_serves_the_models_from_apps_of_their_own():
+    from serve_app.config import parse_app_config
+    config = parse_app_config({"models": [{"name": "model-a"}], "ingress": "direct",
+                               "workflows": [{**TRIBUNAL, "members": ["model-a"],
+                                              "judge": "model-a"}]})
+    assert config.own_app_models == ["model-a"]  # the workflow runs in the router
 
 
 def test_cluster_config_check_reports_the_workflow_field(tmp_path):

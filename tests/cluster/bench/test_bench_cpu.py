@@ -53,3 +53,6 @@ def test_processes_are_named_by_their_role():
     assert component("python -m vllm.entrypoints.openai.api_server", False, True) == \
         "bare: api_server (HTTP, detokenize)"
     assert component("VLLM::EngineCore", True, False) == "hpcserve: vLLM EngineCore + worker"
+    for title in ("ray::ServeReplica:hpcserve:engine-tiny",        # routed, or direct
+                  "ray::ServeReplica:hpcserve.m.tiny:engine-tiny"):  # a model's own app
+        assert component(title, False, False) == "hpcserve: engine replica (AsyncLLM, Serve)"

@@ -31,6 +31,8 @@ def test_frames_are_read_as_py_spy_prints_them():
     assert layer_of("dumps (json/__init__.py:231)") == "serialization"
     assert layer_of("route (ray/serve/_private/router.py:10)") == "Ray Serve"
     assert layer_of("thing (somewhere/else.py:1)") == "other"
+    assert layer_of("send (site-packages/uvicorn/protocols/http/httptools_impl.py:9)") == \
+        "HTTP (Starlette, uvicorn)"
     assert function_of("f (a/b.py:12)") == "f (a/b.py)"
 
 

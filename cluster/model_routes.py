@@ -26,17 +26,26 @@ MAP_FILE = "hpcserve-models.map"
 MODEL_APP_IMPORT_PATH = "serve_app.app:build_model_app"
 # the bodies that name a model; others (GET /v1/models, files, batches) go to the router
 MODEL_PATHS = "/v1/chat/completions /v1/completions /v1/embeddings"
-def frontend_rules(map_dir: Path) -> str:
+RULES_MARK = "# hpcserve: a model request whole"
+
+
+def frontend_rules(map_dir: Path, route: bool = True) -> str:
     """Lines for Serve's ``http_frontend``, after its ``bind`` (and the shed rules).
 
-    ``wait-for-body`` holds a POST until its body is in (at most 1 s, at most the
-    buffer); ``json_query`` reads what is in the buffer, so a model named after the
-    first 16 KiB (Serve's ``tune.bufsize``) is not found and the router serves the
-    request.  A path already under ``/_m/`` is left as it is."""
+    ``wait-for-body`` holds a model request until its body is in (at most 1 s, at
+    most the buffer), for two reasons.  HAProxy can send a request again to another
+    replica (``retry-on empty-response``, ``cluster.head.HAPROXY_RETRY_ON``) only if
+    it holds the whole request; and (``route``: some models have applications of
+    their own) ``json_query`` reads the ``model`` from what is in the buffer, so a
+    model named after the first 16 KiB (Serve's ``tune.bufsize``) is not found and
+    the router serves the request.  A path already under ``/_m/`` is left as it is."""
     cond = f"METH_POST {{ path {MODEL_PATHS} }}"
-    return (
+    rules = (f"    {RULES_MARK} before it is sent on (retried if its replica dies)\n"
+             f"    http-request wait-for-body time 1s if {cond}\n")
+    if not route:
+        return rules
+    return rules + (
         "    # hpcserve: a request for a model with its own application goes to its replicas\n"
-        f"    http-request wait-for-body time 1s if {cond}\n"
         f"    http-request set-var(txn.hpcserve_model) req.body,json_query('$.model') if {cond}\n"
         "    http-request set-var(txn.hpcserve_route) "
         f"var(txn.hpcserve_model),map({map_dir / MAP_FILE}) if {{ var(txn.hpcserve_model) -m found }}\n"

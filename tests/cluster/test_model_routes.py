@@ -128,7 +128,10 @@ def test_the_guard_adds_the_rules_after_the_shed_rules_once_a_map_has_models(tmp
     text = SERVE_LIKE.format(d=tmp_path, p1=1, p2=2, p3=3)
     kwargs = dict(http_host="127.0.0.1", serve_bind_host="127.0.0.1", error_dir=tmp_path,
                   shed_dir=tmp_path)
-    assert "hpcserve_model" not in rewrite(text, **kwargs)  # no map: the path of one model
+    alone = rewrite(text, **kwargs)  # no map: the path of one model, held whole to be retried
+    assert "hpcserve_model" not in alone and alone.count("wait-for-body") == 1
+    (tmp_path / "haproxy.cfg").write_text(alone)
+    check_config(tmp_path / "haproxy.cfg")
     write_map(tmp_path, ["tiny"])
     new = rewrite(text, **kwargs)
     frontend = new[new.index("frontend http_frontend"):new.index("\nbackend router")]
@@ -136,6 +139,7 @@ def test_the_guard_adds_the_rules_after_the_shed_rules_once_a_map_has_models(tmp
     shed = max(i for i, line in enumerate(lines) if "hpcserve_shed" in line)
     model = min(i for i, line in enumerate(lines) if "hpcserve_model" in line)
     assert lines[1].lstrip().startswith("bind 127.0.0.1:3") and shed < model
+    assert new.count("wait-for-body") == 1
     assert lines[-1].lstrip().startswith("use_backend")
     (tmp_path / "haproxy.cfg").write_text(new)
     check_config(tmp_path / "haproxy.cfg")
@@ -165,3 +169,52 @@ def test_split_apps_gives_each_always_on_model_an_app_and_keeps_the_router():
     assert by["hpcserve.m.a"]["runtime_env"] == app["runtime_env"]
     assert LAYOUT_ARG not in by["plain"]["args"] and "_layout" not in app["args"]  # untouched
     assert split_apps({"applications": [other]}) == ({"applications": [other]}, [])
+
+
+@pytest.mark.parametrize("models, ingress, mode, own", [
+    ([{"name": "a"}], "auto", "direct", []),                       # one model: no router at all
+    ([{"name": "a"}, {"name": "b"}], "auto", "direct", ["a", "b"]),
+    ([{"name": "a"}, {"name": "b", "failover": True}], "auto", "direct", ["a"]),
+    ([{"name": "a", "failover": True}, {"name": "b", "failover": True}], "auto", "routed", []),
+    ([{"name": "a"}, {"name": "c", "autoscaling": {"min_replicas": 0}}], "auto", "direct", ["a"]),
+    ([{"name": "c", "autoscaling": {"min_replicas": 0}}], "auto", "routed", []),
+    ([{"name": "a"}, {"name": "b"}], "routed", "routed", []),
+])
+def test_auto_gives_every_model_that_can_have_it_an_app_of_its_own(models, ingress, mode, own):
+    from serve_app.config import parse_app_config
+    config = parse_app_config({"models": models, "ingress": ingress})
+    assert (config.ingress_mode, config.own_app_models) == (mode, own)
+
+
+def test_auto_off_the_root_keeps_the_router_where_direct_is_refused(tmp_path):
+    """The split needs the app at ``/``: ``auto`` elsewhere serves every model from the
+    router (and says so), an explicit ``direct`` is a config error naming the field."""
+    import yaml
+
+    from cluster.config import ingress_modes, load_config
+    from cluster.model_routes import split_apps
+    from serve_app.config import ConfigError
+    from serve_app.layout import LAYOUT_ARG
+    from tests.conftest import default_config
+
+    two = [{"name": "a"}, {"name": "b"}]
+    for ingress in ("auto", "direct"):
+        raw = default_config(models=two, args={"ingress": ingress})
+        raw["applications"][0]["route_prefix"] = "/x"
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+        if ingress == "direct":
+            with pytest.raises(ConfigError, match=r"applications\.0\.route_prefix: 'direct'"):
+                load_config(tmp_path / "c.yaml")
+            continue
+        serve = load_config(tmp_path / "c.yaml").serve
+        split, routed = split_apps(serve)
+        assert (split, routed) == (serve, [])
+        assert ingress_modes(serve["applications"]) == {serve["applications"][0]["name"]: "routed"}
+    # at the root it splits; the running router's args (with the layout) still say direct
+    raw = default_config(models=two)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    split, routed = split_apps(load_config(tmp_path / "c.yaml").serve)
+    assert routed == ["a", "b"]
+    router = split["applications"][0]
+    assert LAYOUT_ARG in router["args"]
+    assert ingress_modes(split["applications"]) == {router["name"]: "direct"}

@@ -88,6 +88,7 @@ def test_haproxy_admin_socket_is_private_and_errors_are_openai_shaped(stack):
             assert stat.S_IMODE(os.stat(sock).st_mode) & 0o077 == 0, sock
     config = next(hdir.rglob("haproxy.cfg")).read_text()
     assert "mode 666" not in config
+    assert "retry-on conn-failure empty-response" in config  # cluster.head.HAPROXY_RETRY_ON
     for status in (502, 503, 504):
         (page,) = re.findall(rf"errorfile {status} (\S+)", config)
         raw = Path(page).read_bytes()

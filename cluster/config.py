@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from cluster.providers import options_model
 from serve_app.config import ConfigError, describe_validation_error, parse_app_config
+from serve_app.layout import LAYOUT_ARG
 
 ProviderKind = Literal["local", "slurm", "heappe"]
 
@@ -233,11 +234,12 @@ def load_config(path: str | Path | None = None,
             raise ConfigError(f"{source}: {err}") from None
         authenticated &= args.authenticated
         _check_models_fit(cluster, args, f"applications.{i}.args", source)
-        if args.own_app_models and app.get("route_prefix", "/") != "/":
+        if args.ingress == "direct" and args.own_app_models \
+                and app.get("route_prefix", "/") != "/":
             raise ConfigError(
                 f"{source}: applications.{i}.route_prefix: 'direct' with several models or "
                 "workflows needs the app at '/' (HAProxy routes each request to its model's "
-                "application by the model it names); use 'routed' elsewhere")
+                "application by the model it names); use 'auto' or 'routed' elsewhere")
     http = data.get("http_options") or {}
     if not isinstance(http, dict):
         raise ConfigError(f"{source}: http_options: a mapping is expected")
@@ -290,10 +292,15 @@ def ingress_modes(apps: list[dict[str, Any]]) -> dict[str, str]:
     for app in apps:
         if app.get("import_path") != APP_IMPORT_PATH:
             continue
+        raw = dict(app.get("args") or {})
+        raw.pop(LAYOUT_ARG, None)  # a running app that hpcserve split (model_routes)
         try:
-            modes[app.get("name", "default")] = parse_app_config(app.get("args") or {}).ingress_mode
+            args = parse_app_config(raw)
         except ConfigError:
             continue
+        split_here = app.get("route_prefix", "/") == "/"  # as model_routes.split_apps
+        modes[app.get("name", "default")] = "routed" if args.own_app_models and not split_here \
+            else args.ingress_mode
     return modes
 
 
@@ -305,7 +312,8 @@ def ingress_mode_changes(serve_status: dict[str, Any], serve_config: dict[str, A
                              for app in (serve_status.get("applications") or {}).values()
                              if app.get("deployed_app_config")])
     return [f"app {name!r}: ingress {running[name]} -> {mode}"
-            + (" (mid-stream failover on replica crashes is off)" if mode == "direct"
+            + (" (mid-stream failover on replica crashes is off but for models with "
+               "failover: true)" if mode == "direct"
                else " (one hop more per token; failover on replica crashes)")
             for name, mode in ingress_modes(serve_config.get("applications") or []).items()
             if name in running and running[name] != mode]

@@ -14,7 +14,8 @@ split the app (``serve_app.layout``): ``build_model_app`` builds each always-on
 model's own application, ``build_app`` the router, which reaches those engines by
 name.
 
-``ingress: auto`` (default) is ``direct`` for one model and ``routed`` for several.
+``ingress: auto`` (default) is ``direct`` while some model is always-on without
+``failover: true``, ``routed`` otherwise (``AppConfig.ingress_mode``).
 """
 
 from __future__ import annotations

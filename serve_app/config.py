@@ -76,7 +76,8 @@ class ModelConfig(_Strict):
         "the routed ingress (`auto` picks it for a model with autoscaling.min_replicas "
         "0; `direct` is refused for such a model)"))
     failover: bool = Field(default=False, description=(
-        "with `ingress: direct` and several models: keep this model on the app's router, "
+        "with several models on `ingress: direct` (or `auto`): keep this model on the "
+        "app's router, "
         "whose streams continue on another replica when theirs dies mid-stream (one hop "
         "more per token); other models get an application of their own"))
     health_check_period_s: float = Field(default=2.0, gt=0)
@@ -130,7 +131,8 @@ class AppConfig(_Strict):
         "answer HTTP themselves (one hop less, no mid-stream failover; with several models "
         "or workflows each always-on model gets an application of its own that HAProxy "
         "routes to by the request's model, and the app itself serves the rest); auto: "
-        "direct for one always-on model, routed otherwise")
+        "direct while some model is always-on and does not ask for failover, routed "
+        "otherwise")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppConfig":
@@ -214,23 +216,28 @@ class AppConfig(_Strict):
 
     @property
     def ingress_mode(self) -> Literal["routed", "direct"]:
-        """What ``auto`` stands for: ``direct`` while one always-on model is served.
+        """What ``auto`` stands for: ``direct`` while some model can have it.
 
         The routed ingress is a second Python process and a gRPC hop on every
         token's path: E2E P90 x1.07-1.23 of bare vLLM at 1-128 streams where
-        ``direct`` is x0.94-0.99 (docs/benchmarks.md).  A config pays that only
-        when it needs it: several models, a model that may scale to zero (with no
+        ``direct`` is at parity (docs/benchmarks.md).  With several models (or
+        workflows) ``direct`` gives each always-on model an application of its own
+        and keeps the router for the rest, at the same cost as one model.  Only
+        what needs the router takes it: a model that may scale to zero (with no
         replica, only the head's ingress can answer ``/v1/models`` with the model's
-        state and bound a cold request's wait by ``cold_start_timeout_s``; an explicit
-        ``direct`` is refused for it), workflows (they call several models), or
-        ``ingress: routed`` for retries on another replica (mid-stream failover).
+        state and bound a cold request's wait by ``cold_start_timeout_s``; an
+        explicit ``direct`` is refused for it as the only model), a model with
+        ``failover: true``, workflows (they call several models); ``ingress:
+        routed`` puts every model on it.
         """
         if self.ingress != "auto":
             return self.ingress
-        if self.workflows:
-            return "routed"
-        return "direct" if len(self.models) == 1 and not _may_go_cold(self.models) \
-            else "routed"
+        if len(self.models) == 1 and not self.workflows:
+            return "routed" if _may_go_cold(self.models) else "direct"
+        return "direct" if self._splittable() else "routed"
+
+    def _splittable(self) -> list[str]:
+        return [m.name for m in self.models if not _may_go_cold([m]) and not m.failover]
 
     @property
     def own_app_models(self) -> list[str]:
@@ -240,7 +247,7 @@ class AppConfig(_Strict):
         not ask for ``failover`` (the router's mid-stream failover)."""
         if self.ingress_mode != "direct" or (len(self.models) == 1 and not self.workflows):
             return []
-        return [m.name for m in self.models if not _may_go_cold([m]) and not m.failover]
+        return self._splittable()
 
     def load_api_keys(self) -> list[str]:
         keys = list(self.api_keys)

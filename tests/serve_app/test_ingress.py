@@ -244,10 +244,15 @@ def test_deploy_of_the_same_config_keeps_serving_and_notes_nothing(stack):
     args["ingress"] = "auto"
     changes = ingress_mode_changes(running, auto)                 # auto, one model: direct
     assert changes == ([] if stack.ingress_mode == "direct"
-                       else ["app 'hpcserve': ingress routed -> direct"
-                             " (mid-stream failover on replica crashes is off)"])
+                       else ["app 'hpcserve': ingress routed -> direct (mid-stream failover"
+                             " on replica crashes is off but for models with failover: true)"])
     args["models"] = args["models"] + [{**args["models"][0], "name": "tiny2"}]
-    changes = ingress_mode_changes(running, auto)                 # auto, two models: routed
+    changes = ingress_mode_changes(running, auto)                 # auto, two models: direct
+    assert changes == ([] if stack.ingress_mode == "direct"
+                       else ["app 'hpcserve': ingress routed -> direct (mid-stream failover"
+                             " on replica crashes is off but for models with failover: true)"])
+    args["models"] = [{**m, "failover": True} for m in args["models"]]
+    changes = ingress_mode_changes(running, auto)                 # every model fails over: routed
     assert changes == ([] if stack.ingress_mode == "routed"
                        else ["app 'hpcserve': ingress direct -> routed"
                              " (one hop more per token; failover on replica crashes)"])

@@ -34,17 +34,19 @@ def _error(args: dict) -> str:
 
 # ---- config ----------------------------------------------------------------------
 
-def test_the_issue_s_config_parses_and_picks_the_routed_ingress():
+def test_the_issue_s_config_parses_and_serves_its_models_from_apps_of_their_own():
     cfg = parse_app_config({"models": MODELS, "workflows": [TRIBUNAL]})
     (w,) = cfg.workflows
     assert (w.name, w.kind, w.rounds, w.judge.model) == ("tribunal-qa", "tribunal", 1, "model-c")
     assert [m.model for m in w.members] == ["model-a", "model-b"]
-    assert cfg.ingress_mode == "routed"
-    # one model and a workflow over it: still routed (auto would be direct without it)
+    # auto: the models answer from applications of their own; the workflow runs in the router
+    assert cfg.ingress_mode == "direct"
+    assert cfg.own_app_models == ["model-a", "model-b", "model-c"]
+    # one model and a workflow over it: the same (one model alone has no router at all)
     one = parse_app_config({"models": [{"name": "m"}], "workflows": [
         {**TRIBUNAL, "members": ["m", {"model": "m", "temperature": 1.0, "seed": 2}],
          "judge": "m"}]})
-    assert one.ingress_mode == "routed"
+    assert (one.ingress_mode, one.own_app_models) == ("direct", ["m"])
     assert one.workflows[0].members[1].seed == 2
 
 

@@ -280,37 +280,42 @@ def _check_models_fit(cluster: ClusterConfig, args, prefix: str, source: str) ->
                 f"{[node_resources(p) for p in cluster.pools]})")
 
 
-def ingress_modes(apps: list[dict[str, Any]]) -> dict[str, str]:
+def ingress_modes(apps: list[dict[str, Any]], running: bool = False) -> dict[str, str]:
     """Each hpcserve app's ingress mode as ``auto`` resolves it, by app name.
 
-    Takes Serve app configs: a config file's ``applications``, or the
-    ``deployed_app_config`` entries of Serve's status (same schema).  An app whose
-    args do not validate (deployed by an older hpcserve) is left out: the mode is
-    only compared for a note, which must not stand in the way of a deploy.
+    Takes Serve app configs: a config file's ``applications``, or (``running``) the
+    ``deployed_app_config`` entries of Serve's status (same schema), where an app
+    that was not split (deployed by an hpcserve whose ``auto`` kept several models
+    on the router) is routed whatever its args say.  An app whose args do not
+    validate (deployed by an older hpcserve) is left out: the mode is only compared
+    for a note, which must not stand in the way of a deploy.
     """
     modes = {}
     for app in apps:
         if app.get("import_path") != APP_IMPORT_PATH:
             continue
         raw = dict(app.get("args") or {})
-        raw.pop(LAYOUT_ARG, None)  # a running app that hpcserve split (model_routes)
+        layout = raw.pop(LAYOUT_ARG, None)  # a running app that hpcserve split (model_routes)
         try:
             args = parse_app_config(raw)
         except ConfigError:
             continue
-        split_here = app.get("route_prefix", "/") == "/"  # as model_routes.split_apps
+        split_here = layout is not None if running \
+            else app.get("route_prefix", "/") == "/"  # as model_routes.split_apps
         modes[app.get("name", "default")] = "routed" if args.own_app_models and not split_here \
             else args.ingress_mode
     return modes
 
 
 def ingress_mode_changes(serve_status: dict[str, Any], serve_config: dict[str, Any]) -> list[str]:
-    """Why: under ``auto`` a deploy from one model to two (or back) switches the
-    data path, and with it the overhead and whether a crash mid-stream fails over.
+    """Why: under ``auto`` a deploy that gives every model ``failover: true`` (or
+    takes it away; or the first deploy by an hpcserve whose ``auto`` splits several
+    models) switches the data path, and with it the overhead and whether a crash
+    mid-stream fails over.
     Serve applies it like any other change; the operator should hear of it."""
     running = ingress_modes([app["deployed_app_config"]
                              for app in (serve_status.get("applications") or {}).values()
-                             if app.get("deployed_app_config")])
+                             if app.get("deployed_app_config")], running=True)
     return [f"app {name!r}: ingress {running[name]} -> {mode}"
             + (" (mid-stream failover on replica crashes is off but for models with "
                "failover: true)" if mode == "direct"

@@ -65,11 +65,14 @@ def ray_environment(cfg: HeadConfig, token_path: Path, haproxy_dir: Path) -> dic
         # One HAProxy thread: it proxies a few thousand chunks a second, and Serve's
         # default of 4 threads contended for the engine's cores.
         "RAY_SERVE_HAPROXY_NBTHREAD": "1",
-        # A request whose replica took it and died before answering (its node lost,
-        # not a byte sent back) goes to another replica, as the routed ingress
+        # A model request whose replica took it and died before answering (its node
+        # lost, not a byte sent back) goes to another replica, as the routed ingress
         # retries; Serve's default retries only what never reached a replica.  Not
-        # a 503 (backpressure), nor a response already started (docs/operations.md).
+        # a 503 (backpressure), nor a response already started, nor anything but a
+        # model request (cluster.model_routes.frontend_rules; docs/operations.md).
         "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON,
+        # at most two more replicas: a request that kills its replica kills no more
+        "RAY_SERVE_HAPROXY_RETRIES": "2",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy_dir / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy_dir / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy_dir),

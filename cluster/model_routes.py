@@ -35,13 +35,16 @@ def frontend_rules(map_dir: Path, route: bool = True) -> str:
     ``wait-for-body`` holds a model request until its body is in (at most 1 s, at
     most the buffer), for two reasons.  HAProxy can send a request again to another
     replica (``retry-on empty-response``, ``cluster.head.HAPROXY_RETRY_ON``) only if
-    it holds the whole request; and (``route``: some models have applications of
+    it holds the whole request (so a body over the buffer is not retried), and only
+    a model request may be (a batch created twice would run twice); and (``route``: some models have applications of
     their own) ``json_query`` reads the ``model`` from what is in the buffer, so a
     model named after the first 16 KiB (Serve's ``tune.bufsize``) is not found and
     the router serves the request.  A path already under ``/_m/`` is left as it is."""
     cond = f"METH_POST {{ path {MODEL_PATHS} }}"
     rules = (f"    {RULES_MARK} before it is sent on (retried if its replica dies)\n"
-             f"    http-request wait-for-body time 1s if {cond}\n")
+             f"    http-request wait-for-body time 1s if {cond}\n"
+             "    # hpcserve: and only model requests are sent twice (not a batch, a file)\n"
+             f"    http-request disable-l7-retry if !METH_GET !{{ path {MODEL_PATHS} }}\n")
     if not route:
         return rules
     return rules + (

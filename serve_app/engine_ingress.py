@@ -1,16 +1,18 @@
 """The direct ingress: the engine replica answers HTTP itself.
 
-With ``ingress: direct`` (and ``auto``, the default, for one model) a one-model app
-has a single deployment whose replicas hold both the OpenAI surface and the engine.
+With ``ingress: direct`` (and ``auto``, the default) a one-model app has a single
+deployment whose replicas hold both the OpenAI surface and the engine; with several
+models each always-on model gets such an application of its own (``serve_app.layout``).
 Serve's HAProxy sends each request straight to a replica's own HTTP port on its
 worker node, so a token goes engine -> replica -> HAProxy -> client: the same number
 of hops as a bare vLLM server behind a load balancer, and no gRPC hop or second
 Python process touches it.
 
-What is traded away is the routed ingress's retries: a replica that dies mid-stream
-ends that stream with an error event instead of continuing on another replica, and
-an engine failure before the first token is a 503 rather than a retry
-(``max_retries`` applies to the routed ingress only).  Planned moves (allocation
+What is traded away is the routed ingress's mid-stream failover: a replica that dies
+mid-stream ends that stream with an error event instead of continuing on another
+replica, and an engine failure before the first token is a 503 rather than a retry
+(``max_retries`` applies to the routed ingress only).  A replica that dies before
+answering at all is HAProxy's to retry (``cluster.head.HAPROXY_RETRY_ON``).  Planned moves (allocation
 rotation, scale-down) still lose nothing: Serve drains a replica by taking it out of
 HAProxy first and letting its streams finish
 (``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S``, set by the head).

@@ -1,8 +1,11 @@
 """The routed ingress: one replica on the head in front of the engine deployments.
 
-Used when a config serves several models or workflows, or when streams must survive
-an engine replica dying: the ingress retries on another replica, continuing from the
-text already sent (an embedding request is simply sent again).  A workflow's name
+Used for what needs a router: workflows, models that may scale to zero (it bounds a
+cold request's wait) and streams that must survive an engine replica dying
+(``failover: true``, or ``ingress: routed`` for every model): the ingress retries on
+another replica, continuing from the text already sent (an embedding request is
+simply sent again).  With ``direct``/``auto`` the other models answer from
+applications of their own (``serve_app.layout``) and this router reaches them by name.  A workflow's name
 runs the workflow here, next to the engine handles its steps call
 (``serve_app.workflows``).  The engines are
 ``serve_app.engines.deployment.EngineDeployment`` deployments; the HTTP surface

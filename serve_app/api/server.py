@@ -4,9 +4,9 @@ Subclasses say only where the engine's answers come from (``_engine_stream`` for
 generation, ``_workflow_stream`` for a workflow's name, ``_embed`` for embeddings):
 
 * ``serve_app.ingress.RoutedIngress`` -- one replica on the head routing to engine
-  deployments, with failover (several models, replicas that may die);
-* ``serve_app.engine_ingress`` -- the engine replica serves HTTP itself (one model,
-  no extra hop: HAProxy -> engine replica).
+  deployments, with failover (workflows, cold models, replicas that may die);
+* ``serve_app.engine_ingress`` -- the engine replica serves HTTP itself (each
+  always-on model, no extra hop: HAProxy -> engine replica).
 
 Both run the same pipeline (``serve_app.api.pipeline``) built from the same config.
 Routes are generated per endpoint (``ENDPOINTS``) rather than written as decorated

@@ -96,8 +96,14 @@ backend b
             assert r.status_code == 200 and r.json() == {"model": "m", "messages": []}
         else:
             assert r.status_code == 502
+        # anything else is never sent twice: a batch created twice would run twice
+        taken = dies.taken
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/batches", json={"input_file_id": "f"},
+                       timeout=30)
+        assert r.status_code == 502 and dies.taken == taken + 1
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         other.shutdown()
+        other.server_close()
         dies.sock.close()

@@ -173,6 +173,7 @@ def test_split_apps_gives_each_always_on_model_an_app_and_keeps_the_router():
 
 @pytest.mark.parametrize("models, ingress, mode, own", [
     ([{"name": "a"}], "auto", "direct", []),                       # one model: no router at all
+    ([{"name": "a", "failover": True}], "auto", "routed", []),
     ([{"name": "a"}, {"name": "b"}], "auto", "direct", ["a", "b"]),
     ([{"name": "a"}, {"name": "b", "failover": True}], "auto", "direct", ["a"]),
     ([{"name": "a", "failover": True}, {"name": "b", "failover": True}], "auto", "routed", []),
@@ -218,3 +219,7 @@ def test_auto_off_the_root_keeps_the_router_where_direct_is_refused(tmp_path):
     router = split["applications"][0]
     assert LAYOUT_ARG in router["args"]
     assert ingress_modes(split["applications"]) == {router["name"]: "direct"}
+    assert ingress_modes(split["applications"], running=True) == {router["name"]: "direct"}
+    # running, not split (an hpcserve whose auto kept several models on the router)
+    unsplit = load_config(tmp_path / "c.yaml").serve["applications"]
+    assert ingress_modes(unsplit, running=True) == {router["name"]: "routed"}

@@ -30,7 +30,10 @@ from ray import serve
 ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], log_to_driver=False,
          namespace="serve")
 names = sys.argv[3].split(",")
-handles = {n: serve.get_deployment_handle(n, app_name=sys.argv[4]) for n in names}
+def handle(name):  # "deployment", or "app/deployment" for one in another app
+    app, _, deployment = name.rpartition("/")
+    return deployment, serve.get_deployment_handle(deployment, app_name=app or sys.argv[4])
+handles = dict(handle(n) for n in names)
 def stats_of(handle):
     try:
         return handle.stats.remote().result(timeout_s=30)
@@ -38,7 +41,7 @@ def stats_of(handle):
         return {"error": repr(err)}
 for _ in sys.stdin:
     stats = {n: stats_of(h) for n, h in handles.items()}
-    print(json.dumps(stats if len(names) > 1 else stats[names[0]]), flush=True)
+    print(json.dumps(stats if len(names) > 1 else next(iter(stats.values()))), flush=True)
 """
 
 
@@ -51,7 +54,8 @@ class EngineStatsProbe:
     """
 
     def __init__(self, head, deployment: str | list[str], app: str = "hpcserve"):
-        """Several deployments: ``stats()`` is ``{deployment: stats}``."""
+        """Several deployments: ``stats()`` is ``{deployment: stats}``; a deployment
+        of another application is named ``app/deployment``."""
         names = deployment if isinstance(deployment, str) else ",".join(deployment)
         self.process = subprocess.Popen(
             [sys.executable, "-c", _PROBE, head.gcs_address, head.node_ip, names, app],

@@ -18,7 +18,9 @@ def test_auto_serves_one_model_directly_from_its_engine_replicas():
     assert _deployments({"models": [{"name": "a"}]}) == ("engine-a", [])
 
 
-def test_auto_routes_several_models_through_the_ingress():
+def test_several_models_not_split_by_hpcserve_up_are_all_served_by_the_router():
+    """``auto`` is direct here, but only ``hpcserve up``/``deploy`` split an app
+    (``cluster.model_routes``): a plain ``serve deploy`` of it gets the router."""
     assert _deployments({"models": [{"name": "a"}, {"name": "b"}]}) == (
         "Ingress", ["engine-a", "engine-b"])
 

@@ -22,13 +22,16 @@ import httpx
 import openai
 import pytest
 
+from serve_app.layout import model_app
 from tests.cluster.rotation_support import wait_until
 from tests.conftest import default_config
 from tests.serve_app.conftest import EngineStatsProbe
 from tests.serve_app.test_failover import _engine_replicas
 
 NAMES = ("model-a", "model-b", "model-c")
-ENGINES = [f"engine-{n}" for n in NAMES]
+# the default ingress serves each model from an application of its own (serve_app.layout);
+# the workflows run in the router app and call them by handle
+ENGINES = [f"{model_app('hpcserve', n)}/engine-{n}" for n in NAMES]
 STEPS = 32        # tribunal-qa: tokens of each intermediate step
 LONG = 400        # tribunal-long: tokens of each draft (seconds of work; the critique of
                   # two such drafts still fits the tiny model's 2048 tokens)
@@ -307,7 +310,8 @@ def test_measure_added_latency_and_final_step_ttft(stack):
 def test_a_member_killed_mid_request_leaves_an_answer_from_the_rest(stack, probe):
     """Last: model-b's replica is SIGKILLed while it drafts; Serve replaces it."""
     idle(probe)
-    (victim,) = _engine_replicas(stack.home, "ray::ServeReplica:hpcserve:engine-model-b")
+    (victim,) = _engine_replicas(
+        stack.home, f"ray::ServeReplica:{model_app('hpcserve', 'model-b')}:engine-model-b")
     result: dict = {}
 
     def call() -> None:

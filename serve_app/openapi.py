@@ -18,6 +18,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from serve_app import openai_protocol as p
+from serve_app.batch.protocol import BatchCreateRequest
 
 _REF = "#/components/schemas/{model}"
 _REQUESTS = (p.ChatCompletionRequest, p.CompletionRequest, p.EmbeddingRequest)
@@ -28,6 +29,7 @@ ERRORS = {
          "option, too long for the context); `param` names the field.",
     401: "Missing or wrong API key (`Authorization: Bearer <key>`).",
     404: "No such model (`code: model_not_found`).",
+    409: "The file is the input of an unfinished batch.",
     413: "The request body is larger than the server accepts.",
     415: "The body is not `application/json`.",
     429: "Too many requests.",
@@ -45,7 +47,8 @@ def _components() -> tuple[dict[str, Any], dict[tuple[str, str], str]]:
     """Component schemas and the name each (model, mode) got (``-Input``/``-Output``
     only where a model's validation and serialization schemas differ)."""
     keys, top = models_json_schema(
-        [(m, "validation") for m in _REQUESTS] + [(m, "serialization") for m in _RESPONSES],
+        [(m, "validation") for m in (*_REQUESTS, BatchCreateRequest)]
+        + [(m, "serialization") for m in _RESPONSES],
         ref_template=_REF)
     names = {(m.__name__, mode): ref["$ref"].rsplit("/", 1)[-1]
              for (m, mode), ref in keys.items()}
@@ -97,12 +100,80 @@ def _generation(request: type, whole: type, chunk: type, summary: str,
     }
 
 
+def _object(kind: str, description: str, fields: Iterable[str]) -> dict[str, Any]:
+    """A file, batch or list object (``serve_app.batch.protocol`` builds them as dicts)."""
+    return {"application/json": {"schema": {
+        "type": "object", "description": description, "required": ["object", *fields],
+        "properties": {"object": {"const": kind}}}}}
+
+
+_FILE = _object("file", "A file: id, bytes, created_at, expires_at, filename, purpose, "
+                "status.", ["id", "bytes", "created_at", "filename", "purpose"])
+_BATCH = _object("batch", "A batch: id, endpoint, input_file_id, status, every *_at time, "
+                 "request_counts, usage, errors, output_file_id, error_file_id.",
+                 ["id", "endpoint", "input_file_id", "status", "request_counts"])
+_PAGE = _object("list", "A page, newest first: data, first_id, last_id, has_more.",
+                ["data", "has_more"])
+
+
+def _batch_paths(errors: tuple[int, ...], post: tuple[int, ...]) -> dict[str, Any]:
+    """``/v1/files`` and ``/v1/batches`` (``batch.enabled``; docs/batch.md)."""
+    def param(name: str) -> dict[str, Any]:
+        return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    page = [{"name": "after", "in": "query", "schema": {"type": "string"}},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}]
+    upload = {"type": "object", "required": ["file", "purpose"], "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": "JSONL, one request per line (batch.max_file_bytes at most)"},
+        "purpose": {"const": "batch"},
+        "expires_after[anchor]": {"const": "created_at"},
+        "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000}}}
+    files_page = [*page, {"name": "purpose", "in": "query", "schema": {"type": "string"}},
+                  {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}}]
+    found = (*errors, 404)
+    return {
+        "/v1/files": {
+            "post": {"summary": "Upload a batch input file",
+                     "requestBody": {"required": True, "content": {
+                         "multipart/form-data": {"schema": upload}}},
+                     "responses": _responses("The file.", _FILE, post)},
+            "get": {"summary": "The caller's project's files", "parameters": files_page,
+                    "responses": _responses("A page of files.", _PAGE, errors)}},
+        "/v1/files/{file_id}": {
+            "get": {"summary": "One file", "parameters": [param("file_id")],
+                    "responses": _responses("The file.", _FILE, found)},
+            "delete": {"summary": "Delete a file", "parameters": [param("file_id")],
+                       "responses": _responses("`{id, object: file, deleted: true}`.",
+                                               _object("file", "Deleted.", ["id", "deleted"]),
+                                               (*found, 409))}},
+        "/v1/files/{file_id}/content": {"get": {
+            "summary": "A file's content (input, output or error lines)",
+            "parameters": [param("file_id")],
+            "responses": _responses("JSONL.", {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}}, found)}},
+        "/v1/batches": {
+            "post": {"summary": "Create a batch over an uploaded file",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": _ref(BatchCreateRequest, "validation")}}},
+                     "responses": _responses("The batch.", _BATCH, post)},
+            "get": {"summary": "The caller's project's batches", "parameters": page,
+                    "responses": _responses("A page of batches.", _PAGE, errors)}},
+        "/v1/batches/{batch_id}": {"get": {
+            "summary": "One batch", "parameters": [param("batch_id")],
+            "responses": _responses("The batch.", _BATCH, found)}},
+        "/v1/batches/{batch_id}/cancel": {"post": {
+            "summary": "Cancel a batch (its finished lines are kept)",
+            "parameters": [param("batch_id")],
+            "responses": _responses("The batch, cancelling.", _BATCH, found)}},
+    }
+
+
 def openapi_document(model_names: list[str], auth: bool, *, engine_options: Iterable[str] = (),
                      max_tokens: int | None = None, version: str = "0.1.0",
-                     embedding_models: list[str] = ()) -> dict:
+                     embedding_models: list[str] = (), batch: bool = False) -> dict:
     """The document for a server serving ``model_names`` (chat and completions) and
-    ``embedding_models``; ``auth``: it checks API keys.  A path is listed when some
-    model serves it.
+    ``embedding_models``; ``auth``: it checks API keys; ``batch``: it serves the Files
+    and Batches API.  A path is listed when some model serves it.
 
     Exactly the fields the server accepts are listed (the request models allow extra
     keys only for the ingress to name them in a 400): the models' own, the ignored
@@ -155,6 +226,8 @@ def openapi_document(model_names: list[str], auth: bool, *, engine_options: Iter
                 "schema": _ref(p.EmbeddingRequest, "validation")}}},
             "responses": _responses("The embeddings, in input order.",
                                     _json(p.EmbeddingList), post)}}
+    if batch:
+        paths.update(_batch_paths(common, (400, *secured, 404, 413, 415, 429, 503)))
     if auth:
         for path, item in paths.items():
             if path != "/health":

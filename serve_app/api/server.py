@@ -115,7 +115,8 @@ class OpenAIServer:
                 [*(m.name for m in generators), *self.workflows], self.config.authenticated,
                 engine_options=options,
                 max_tokens=None if None in limits or not limits else max(limits) - 1,
-                embedding_models=[m.name for m in self.config.models if m.task == "embed"]))
+                embedding_models=[m.name for m in self.config.models if m.task == "embed"],
+                batch=self.config.batch.enabled))
         return Response(self._openapi, media_type="application/json")
 
 

@@ -230,3 +230,41 @@ def test_openapi_lists_embeddings_only_where_a_model_serves_them():
     only_embeddings = openapi_document([], False, embedding_models=["minilm"])["paths"]
     assert "/v1/chat/completions" not in only_embeddings and "/v1/embeddings" in only_embeddings
     assert "/v1/embeddings" not in openapi_document(["tiny"], False)["paths"]
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_openapi_lists_files_and_batches_where_batch_is_enabled(auth):
+    from serve_app.batch.protocol import BatchCreateRequest, file_object, new_batch, page
+
+    assert not {p for p in openapi_document(["tiny"], auth)["paths"] if "/files" in p
+                or "/batches" in p}
+    doc = openapi_document(["tiny"], auth, batch=True)
+    for schema in doc["components"]["schemas"].values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+    ops = {(path, method): op for path, item in doc["paths"].items()
+           for method, op in item.items()}
+    assert {key for key in ops if "/files" in key[0] or "/batches" in key[0]} == {
+        ("/v1/files", "post"), ("/v1/files", "get"), ("/v1/files/{file_id}", "get"),
+        ("/v1/files/{file_id}", "delete"), ("/v1/files/{file_id}/content", "get"),
+        ("/v1/batches", "post"), ("/v1/batches", "get"), ("/v1/batches/{batch_id}", "get"),
+        ("/v1/batches/{batch_id}/cancel", "post")}
+    for (path, _), op in ops.items():
+        if path != "/health":
+            assert ("security" in op) == auth == ("401" in op["responses"])
+    create = ops[("/v1/batches", "post")]
+    assert {"400", "404", "413", "415", "429"} <= set(create["responses"])
+    request = _validator(doc, create["requestBody"]["content"]["application/json"]["schema"])
+    body = {"input_file_id": "file-1", "endpoint": "/v1/chat/completions",
+            "completion_window": "24h"}
+    request.validate(body)
+    assert not request.is_valid({**body, "endpoint": "/v1/embeddings"})
+    assert not request.is_valid({**body, "extra": 1})
+    # the objects the batch service returns fit what the document says of them
+    batch = new_batch("batch_1", BatchCreateRequest(**body), now=100)
+    file = file_object({"id": "file-1", "bytes": 3, "created_at": 1, "expires_at": None,
+                        "filename": "in.jsonl", "purpose": "batch"})
+    for key, obj in ((("/v1/batches", "post"), batch), (("/v1/files/{file_id}", "get"), file),
+                     (("/v1/batches", "get"), page([batch], False))):
+        schema = ops[key]["responses"]["200"]["content"]["application/json"]["schema"]
+        jsonschema.validate(obj, schema)
+    assert "multipart/form-data" in ops[("/v1/files", "post")]["requestBody"]["content"]

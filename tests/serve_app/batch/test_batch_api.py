@@ -278,6 +278,10 @@ def test_batches_are_listed_newest_first_in_pages(stack):
     assert raw["first_id"] == raw["last_id"] == ids[1]
     for batch_id in ids:
         wait(client, batch_id, finished)
+    # and /openapi.json describes them (serve_app.openapi, checked there against the objects)
+    doc = httpx.get(f"{stack.base_url.removesuffix('/v1')}/openapi.json", timeout=30).json()
+    assert {"/v1/files", "/v1/files/{file_id}/content", "/v1/batches",
+            "/v1/batches/{batch_id}/cancel"} <= set(doc["paths"])
 
 
 def test_a_project_sees_only_its_own_files_and_batches(stack, issuer):

@@ -32,7 +32,10 @@ _HEAD_ONLY = {"RAY_AUTH_TOKEN_PATH", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERV
               "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
               "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT",
               "RAY_SERVE_HAPROXY_BINARY_PATH", "HPCSERVE_HTTP_HOST", "HPCSERVE_SERVE_BIND_HOST",
-              "DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT"}
+              "DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT",
+              # HAProxy runs on the head only; a value with a space cannot travel
+              # through HEAppE (heappe_template.SAFE_VALUE)
+              "RAY_SERVE_HAPROXY_RETRY_ON", "RAY_SERVE_HAPROXY_RETRIES"}
 
 
 def worker_environment(head: HeadInfo) -> dict[str, str]:

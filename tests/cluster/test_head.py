@@ -107,3 +107,23 @@ backend b
         other.shutdown()
         other.server_close()
         dies.sock.close()
+
+
+def test_what_a_worker_inherits_from_the_head_can_travel_through_heappe(tmp_path: Path):
+    """Every ``ray start`` setting a worker job gets (``cluster.control``) must pass
+    HEAppE's check on task environment variables; head-only ones (HAProxy's retry
+    policy, whose value has a space) stay on the head."""
+    from cluster.config import HeadConfig
+    from cluster.control import worker_environment
+    from cluster.head import HeadInfo, ray_environment
+    from cluster.providers.heappe_template import unsafe_environment_variable
+
+    token = tmp_path / "token"
+    token.write_text("secret-token")
+    env = ray_environment(HeadConfig(), token, tmp_path / "h")
+    assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == HAPROXY_RETRY_ON  # the head has it
+    head = HeadInfo(pid=1, node_ip="127.0.0.2", gcs_address="127.0.0.2:1", dashboard_url="",
+                    metrics_port=0, http_url="", temp_dir="", token_path=str(token), env=env)
+    worker = worker_environment(head)
+    assert "RAY_SERVE_HAPROXY_RETRY_ON" not in worker and worker["RAY_AUTH_TOKEN"]
+    assert unsafe_environment_variable(worker) is None

@@ -36,10 +36,10 @@ def frontend_rules(map_dir: Path, route: bool = True) -> str:
     most the buffer), for two reasons.  HAProxy can send a request again to another
     replica (``retry-on empty-response``, ``cluster.head.HAPROXY_RETRY_ON``) only if
     it holds the whole request (so a body over the buffer is not retried), and only
-    a model request may be (a batch created twice would run twice); and (``route``: some models have applications of
-    their own) ``json_query`` reads the ``model`` from what is in the buffer, so a
-    model named after the first 16 KiB (Serve's ``tune.bufsize``) is not found and
-    the router serves the request.  A path already under ``/_m/`` is left as it is."""
+    a model request may be (a batch created twice would run twice).  And (``route``:
+    some models have applications of their own) ``json_query`` reads the ``model``
+    from what is in the buffer, so a model named after the first 16 KiB (Serve's
+    ``tune.bufsize``) is not found and the router serves the request.  A path already under ``/_m/`` is left as it is."""
     cond = f"METH_POST {{ path {MODEL_PATHS} }}"
     rules = (f"    {RULES_MARK} before it is sent on (retried if its replica dies)\n"
              f"    http-request wait-for-body time 1s if {cond}\n"

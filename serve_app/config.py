@@ -232,9 +232,6 @@ class AppConfig(_Strict):
         """
         if self.ingress != "auto":
             return self.ingress
-        if len(self.models) == 1 and not self.workflows:
-            return "routed" if _may_go_cold(self.models) or self.models[0].failover \
-                else "direct"
         return "direct" if self._splittable() else "routed"
 
     def _splittable(self) -> list[str]:

@@ -28,10 +28,10 @@ ERRORS = {
     400: "The request is invalid (malformed JSON, a wrong type or value, an unsupported "
          "option, too long for the context); `param` names the field.",
     401: "Missing or wrong API key (`Authorization: Bearer <key>`).",
-    404: "No such model (`code: model_not_found`).",
+    404: "No such model (`code: model_not_found`), file or batch.",
     409: "The file is the input of an unfinished batch.",
     413: "The request body is larger than the server accepts.",
-    415: "The body is not `application/json`.",
+    415: "The body is not `application/json` (`multipart/form-data` for a file upload).",
     429: "Too many requests.",
     503: "No engine replica could serve the request (`code: engine_unavailable`), or a "
          "workflow step it needs failed (`code: workflow_step_failed`, naming the step).",

@@ -252,12 +252,14 @@ def run_streamed(cmd: list[str], env: dict[str, str], prefix: str, timeout: floa
     return rc
 
 
-def cleanup_shm(before: set[Path]) -> None:
+def cleanup_shm(before: set[Path]) -> int:
+    """Remove the ``/dev/shm/psm_*`` files vLLM left behind since ``before`` that no
+    live process holds any more (only ours: the others existed before); how many."""
     leftovers = set(Path("/dev/shm").glob("psm_*")) - before
-    if leftovers:
-        in_use = shm_users()
-        gone = [p for p in leftovers if str(p) not in in_use]
-        for p in gone:
-            p.unlink(missing_ok=True)
-        if gone:
-            log(f"removed {len(gone)} /dev/shm/psm_* files left by our vLLM processes")
+    if not leftovers:
+        return 0
+    in_use = shm_users()
+    gone = [p for p in leftovers if str(p) not in in_use]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return len(gone)

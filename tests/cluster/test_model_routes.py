@@ -171,22 +171,6 @@ def test_split_apps_gives_each_always_on_model_an_app_and_keeps_the_router():
     assert split_apps({"applications": [other]}) == ({"applications": [other]}, [])
 
 
-@pytest.mark.parametrize("models, ingress, mode, own", [
-    ([{"name": "a"}], "auto", "direct", []),                       # one model: no router at all
-    ([{"name": "a", "failover": True}], "auto", "routed", []),
-    ([{"name": "a"}, {"name": "b"}], "auto", "direct", ["a", "b"]),
-    ([{"name": "a"}, {"name": "b", "failover": True}], "auto", "direct", ["a"]),
-    ([{"name": "a", "failover": True}, {"name": "b", "failover": True}], "auto", "routed", []),
-    ([{"name": "a"}, {"name": "c", "autoscaling": {"min_replicas": 0}}], "auto", "direct", ["a"]),
-    ([{"name": "c", "autoscaling": {"min_replicas": 0}}], "auto", "routed", []),
-    ([{"name": "a"}, {"name": "b"}], "routed", "routed", []),
-])
-def test_auto_gives_every_model_that_can_have_it_an_app_of_its_own(models, ingress, mode, own):
-    from serve_app.config import parse_app_config
-    config = parse_app_config({"models": models, "ingress": ingress})
-    assert (config.ingress_mode, config.own_app_models) == (mode, own)
-
-
 def test_auto_off_the_root_keeps_the_router_where_direct_is_refused(tmp_path):
     """The split needs the app at ``/``: ``auto`` elsewhere serves every model from the
     router (and says so), an explicit ``direct`` is a config error naming the field."""

@@ -4,7 +4,10 @@ That the modes serve alike over HTTP is ``test_ingress.py``'s job (it runs both)
 this checks what ``auto``, the default, picks.
 """
 
+import pytest
+
 from serve_app.app import build_app
+from serve_app.config import parse_app_config
 
 
 def _deployments(args: dict) -> tuple[str, list[str]]:
@@ -56,3 +59,18 @@ def test_a_models_own_app_is_its_engine_replica_answering_http():
     config = AppConfig.model_validate(bound.init_args[0])
     assert [m.name for m in config.models] == ["b"] and config.api_keys == ["k"]
     assert bound.init_args[1:] == (None, None, "hpcserve")  # the router app's ledger
+
+
+@pytest.mark.parametrize("models, ingress, mode, own", [
+    ([{"name": "a"}], "auto", "direct", []),                       # one model: no router at all
+    ([{"name": "a", "failover": True}], "auto", "routed", []),
+    ([{"name": "a"}, {"name": "b"}], "auto", "direct", ["a", "b"]),
+    ([{"name": "a"}, {"name": "b", "failover": True}], "auto", "direct", ["a"]),
+    ([{"name": "a", "failover": True}, {"name": "b", "failover": True}], "auto", "routed", []),
+    ([{"name": "a"}, {"name": "c", "autoscaling": {"min_replicas": 0}}], "auto", "direct", ["a"]),
+    ([{"name": "c", "autoscaling": {"min_replicas": 0}}], "auto", "routed", []),
+    ([{"name": "a"}, {"name": "b"}], "routed", "routed", []),
+])
+def test_auto_gives_every_model_that_can_have_it_an_app_of_its_own(models, ingress, mode, own):
+    config = parse_app_config({"models": models, "ingress": ingress})
+    assert (config.ingress_mode, config.own_app_models) == (mode, own)

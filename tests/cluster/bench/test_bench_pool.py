@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster.bench import targets
 from cluster.bench.client import RequestResult
 from cluster.bench.report import ratio_metrics, summarize
 
@@ -71,7 +72,7 @@ def test_pooled_percentiles_are_over_every_runs_requests(runs) -> None:
 def test_per_run_table_gives_each_runs_ratio_and_their_median(runs) -> None:
     paths, _ = runs
     pool = _load_bench_pool()
-    lines = pool.per_run_table(paths, pool.load_bench_compare())
+    lines = pool.per_run_table(paths, targets)
     assert len(lines) == 3 and lines[2].startswith("| c=4 | 3 |")
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     each = [float(part.split(" / ")[0]) for part in cells[6].split("; ")]
@@ -91,7 +92,7 @@ def test_paired_table_compares_each_request_with_its_twin(tmp_path: Path) -> Non
     bare = np.random.default_rng(3).uniform(0.5, 2.0, 101).tolist()
     _write_run(tmp_path / "run", {"service": [1.05 * v for v in bare], "bare": bare})
     pool = _load_bench_pool()
-    lines = pool.paired_table([tmp_path / "run"], pool.load_bench_compare())
+    lines = pool.paired_table([tmp_path / "run"], targets)
     assert len(lines) == 3
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     assert cells[:4] == ["c=4", "101", "1.050", "1.050"]
@@ -114,6 +115,6 @@ def test_paired_table_pairs_within_a_round_and_skips_failures(tmp_path: Path) ->
     with open(run / "requests.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     pool = _load_bench_pool()
-    cells = [c.strip() for c in pool.paired_table([run], pool.load_bench_compare())[2].split("|")[1:-1]]
+    cells = [c.strip() for c in pool.paired_table([run], targets)[2].split("|")[1:-1]]
     # 2 pairs at ratio 2.0 (round 0) and 3 at 1.0 (round 1): median 1.0, not a round mix-up
     assert cells[:4] == ["qps=1", "5", "1.000", "1.000"]

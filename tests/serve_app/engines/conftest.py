@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cluster.bench.servers import cleanup_shm
 from cluster.ports import free_port
 
 MAX_MODEL_LEN = 2048  # the tiny model's limit: long streams for the disconnect test
@@ -41,37 +42,13 @@ def vllm_env(cache_root: Path) -> dict[str, str]:
             "VLLM_CACHE_ROOT": str(cache_root), **SMALL_NODE_ENV}
 
 
-def _shm_users() -> set[str]:
-    """/dev/shm paths some live process still has open or mapped."""
-    used: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    used.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-                except OSError:
-                    pass
-            with open(f"/proc/{pid}/maps") as maps:
-                used.update(line.split(None, 5)[-1].strip() for line in maps if "/dev/shm/" in line)
-        except OSError:
-            continue
-    return {u.removesuffix(" (deleted)") for u in used}
-
-
 @pytest.fixture(scope="module")
 def shm_guard() -> Iterator[None]:
     """Remove the ``/dev/shm/psm_*`` files vLLM leaves behind, only our own: those
     created while this module ran that no live process holds any more."""
     before = set(Path("/dev/shm").glob("psm_*"))
     yield
-    leftovers = set(Path("/dev/shm").glob("psm_*")) - before
-    if leftovers:
-        in_use = _shm_users()
-        for path in leftovers:
-            if str(path) not in in_use:
-                path.unlink(missing_ok=True)
+    cleanup_shm(before)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import sys
 
-from serve_app.processes import free_port, free_ports, port_free
+from serve_app.processes import free_port, free_ports, port_free, release_port, reserve_port
 
 __all__ = ["free_port", "free_port_range", "free_ports"]
 
@@ -22,12 +22,23 @@ _RANGE_LO, _RANGE_HI = 20000, 30000
 
 
 def free_port_range(size: int, host: str = "127.0.0.1", attempts: int = 50) -> tuple[int, int]:
-    """A block ``[lo, lo + size - 1]`` whose ports are all free right now."""
+    """A block ``[lo, lo + size - 1]`` whose ports are all free right now and not
+    handed out to another hpcserve process on this host (``reserve_port``)."""
     rng = random.Random()
     for _ in range(attempts):
         lo = rng.randrange(_RANGE_LO, _RANGE_HI - size)
-        if all(port_free(p, host) for p in range(lo, lo + size)):
+        block = range(lo, lo + size)
+        if not all(port_free(p, host) for p in block):
+            continue
+        claimed = []
+        for p in block:
+            if not reserve_port(p):
+                break
+            claimed.append(p)
+        if len(claimed) == size:
             return lo, lo + size - 1
+        for p in claimed:
+            release_port(p)
     raise RuntimeError(f"no free block of {size} ports in {_RANGE_LO}-{_RANGE_HI}")
 
 

@@ -1,12 +1,21 @@
 """Ports chosen now and bound later must survive the machine's outgoing connections."""
 
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from cluster.ports import free_port_range, free_ports
 from serve_app import processes
 from serve_app.processes import _ephemeral_range
+
+
+@pytest.fixture(autouse=True)
+def reservations(tmp_path, monkeypatch):
+    """Claims of this test only, so a suite running beside it changes nothing."""
+    monkeypatch.setattr(processes, "_RESERVATIONS", str(tmp_path / "ports"))
+    return tmp_path / "ports"
 
 
 def test_single_ports_are_distinct_free_and_outside_the_ephemeral_range():
@@ -21,8 +30,7 @@ def test_single_ports_are_distinct_free_and_outside_the_ephemeral_range():
             s.bind(("127.0.0.1", p))
 
 
-def test_a_port_handed_out_is_not_handed_out_again_before_it_is_bound(monkeypatch):
-    monkeypatch.setattr(processes, "_handed_out", set())
+def test_a_port_handed_out_is_not_handed_out_again_before_it_is_bound():
     first = set(free_ports(200))
     second = set(free_ports(200))
     assert not first & second
@@ -31,7 +39,6 @@ def test_a_port_handed_out_is_not_handed_out_again_before_it_is_bound(monkeypatc
 def test_a_bound_port_is_never_chosen(monkeypatch):
     pool = range(31100, 31120)
     monkeypatch.setattr(processes, "_LISTENER_POOLS", (pool,))
-    monkeypatch.setattr(processes, "_handed_out", set())
     taken = next(p for p in pool if processes.port_free(p))
     with socket.socket() as held:
         held.bind(("127.0.0.1", taken))
@@ -42,3 +49,32 @@ def test_a_bound_port_is_never_chosen(monkeypatch):
 def test_a_port_range_lies_below_the_single_ports_and_is_free():
     lo, hi = free_port_range(50)
     assert hi - lo == 49 and 20000 <= lo and hi < 30000
+
+
+def test_a_port_another_process_chose_is_not_chosen_until_its_claim_expires(
+        monkeypatch, reservations):
+    """The race behind a failed ``hpcserve up``: the test put a chosen HTTP port in
+    the config, ``up`` chose the head's ports in its own process and took it."""
+    pool = range(31200, 31210)
+    monkeypatch.setattr(processes, "_LISTENER_POOLS", (pool,))
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from serve_app import processes as p; p._RESERVATIONS = sys.argv[1]; "
+         "p._LISTENER_POOLS = (range(31200, 31210),); print(*p.free_ports(6))",
+         str(reservations)], capture_output=True, text=True, check=True)
+    theirs = set(map(int, child.stdout.split()))
+    assert len(theirs) == 6
+    ours = free_ports(4)  # 50 draws per port from 10: every port is tried
+    assert set(ours) == set(pool) - theirs
+    # a claim older than RESERVE_S is taken back; one given back is free at once
+    monkeypatch.setattr(processes, "RESERVE_S", 0.0)
+    assert processes.reserve_port(min(theirs))
+    processes.release_port(min(theirs))
+    monkeypatch.setattr(processes, "RESERVE_S", 600.0)
+    assert processes.reserve_port(min(theirs))
+
+
+def test_port_ranges_of_two_nodes_on_one_host_do_not_overlap(monkeypatch):
+    blocks = [free_port_range(200) for _ in range(20)]
+    taken = [p for lo, hi in blocks for p in range(lo, hi + 1)]
+    assert len(taken) == len(set(taken)) == 20 * 200

@@ -11,13 +11,17 @@ from serve_app.config import ConfigError
 
 
 def _cmd_up(args) -> int:
-    from cluster.service import home_dir, up
+    from cluster.service import StartBlocked, home_dir, up
     try:
         head = up(args.config, home_dir(args.home), wait=not args.no_wait,
                   timeout_s=args.timeout)
     except ConfigError as err:
         print(f"hpcserve: {err}", file=sys.stderr)
         return 2
+    except StartBlocked as err:
+        print(f"hpcserve: {err}\nThe service stays up and the pool keeps trying: `hpcserve "
+              "status` shows it, `hpcserve down` stops it.", file=sys.stderr)
+        return 1
     except TimeoutError as err:
         print(f"hpcserve: {err}\nThe service keeps starting: `hpcserve status` shows where it "
               "is, `hpcserve down` stops it.", file=sys.stderr)

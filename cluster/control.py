@@ -16,7 +16,7 @@ from pathlib import Path
 from cluster import metrics
 from cluster.config import load_run_config
 from cluster.head import HeadInfo
-from cluster.model_state import model_states, publish
+from cluster.model_state import model_states, publish, write_local
 from cluster.policy import demand_by_pool
 from cluster.pool import Pool
 from cluster.providers import make_provider
@@ -60,7 +60,7 @@ def build_pools(run_dir: Path, head: HeadInfo, store: StateStore, view: RayView)
 
 
 def _publish_model_state(view: RayView, pools: list[Pool], serve: dict,
-                         store: StateStore) -> None:
+                         store: StateStore, run_dir: Path) -> None:
     now = time.time()
     models = [m for app in serve.get("applications") or []
               for m in (app.get("args") or {}).get("models") or []]
@@ -68,6 +68,7 @@ def _publish_model_state(view: RayView, pools: list[Pool], serve: dict,
                           store.allocations(live_only=True),
                           {p.config.name: why for p in pools if (why := p.blocked(now))}, now,
                           {a: t for p in pools for a, t in p.expected_starts.items()})
+    write_local(run_dir, states, now)  # for `hpcserve up`, which has no GCS client
     try:
         publish(view, states)
     except Exception as err:  # the GCS restarting: the replicas keep their last copy
@@ -112,7 +113,7 @@ def run(run_dir: Path) -> None:
             except Exception:
                 log.exception("pool %s tick failed", pool.config.name)
         if nodes is not None:
-            _publish_model_state(view, pools, config.serve, store)
+            _publish_model_state(view, pools, config.serve, store, run_dir)
         (run_dir / "control.heartbeat").write_text(str(time.time()))
         # Slow down while all is steady; the horizon keeps a rotation from being
         # noticed up to one idle period late.

@@ -21,8 +21,10 @@ per control tick; replicas poll a cached copy in the background
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from cluster.config import PoolConfig
@@ -31,6 +33,7 @@ from cluster.state import QUEUED, STARTING, Allocation
 
 KV_NAMESPACE = b"hpcserve"
 KV_KEY = b"model_state"
+LOCAL_FILE = "model_state.json"  # in the run dir, beside the control loop's heartbeat
 
 
 def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, dict],
@@ -84,3 +87,32 @@ def publish(view, states: dict[str, dict]) -> None:
     """``view``: ``cluster.ray_view.RayView`` (its GCS client)."""
     view.publish(KV_KEY, json.dumps({"time": time.time(), "models": states}).encode(),
                  KV_NAMESPACE)
+
+
+def write_local(run_dir: Path, states: dict[str, dict], now: float) -> None:
+    """The same states in the run dir, replaced whole, for readers without a GCS client."""
+    tmp = run_dir / f".{LOCAL_FILE}.tmp"
+    tmp.write_text(json.dumps({"time": now, "models": states}))
+    os.replace(tmp, run_dir / LOCAL_FILE)
+
+
+def read_local(run_dir: Path) -> dict[str, dict]:
+    """The states ``write_local`` wrote last; {} before the first tick."""
+    try:
+        return json.loads((run_dir / LOCAL_FILE).read_text()).get("models") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def blocked_models(states: Mapping[str, dict], since: dict[str, float], now: float,
+                   grace_s: float) -> dict[str, str]:
+    """Models ``unavailable`` for at least ``grace_s`` (model -> reason).  ``since``
+    (model -> when it was first seen unavailable) is kept up to date in place; a
+    model seen in any other state starts over."""
+    for name, st in states.items():
+        if st.get("state") == "unavailable":
+            since.setdefault(name, now)
+        else:
+            since.pop(name, None)
+    return {name: states[name].get("reason") or "no node can host it"
+            for name, t in since.items() if now - t >= grace_s}

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from cluster import model_routes
+from cluster import model_routes, model_state
 from cluster.batches import set_batch_paths
 from cluster.config import (
     APP_IMPORT_PATH,
@@ -85,7 +85,7 @@ def up(config_path: str | None, home: Path, wait: bool = True, timeout_s: float 
     deploy_serve(head, serve_config)
     progress(f"serve config deployed; control loop supervisor pid {control_pid}")
     if wait:
-        wait_ready(head, config, timeout_s, progress, t0)
+        wait_ready(head, config, timeout_s, progress, t0, run_dir)
     return head
 
 
@@ -103,11 +103,23 @@ def start_control(run_dir: Path, head: HeadInfo) -> int:
     return supervisor.pid
 
 
+class StartBlocked(RuntimeError):
+    """A model cannot start: its pool may not or cannot add a node (budget spent,
+    provider refusing).  The service stays up and the pool keeps trying."""
+
+
+# How long a model stays unavailable before `up` gives up waiting for it: the pool
+# retries a refused submit after a backoff, and a first refusal may be a hiccup.
+BLOCKED_GRACE_S = 20.0
+
+
 def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progress,
-               t0: float) -> None:
-    """Until every app is RUNNING and each model answers one token."""
+               t0: float, run_dir: Path | None = None) -> None:
+    """Until every app is RUNNING and each model answers one token; StartBlocked
+    as soon as a model has stayed unavailable for BLOCKED_GRACE_S."""
     deadline = time.monotonic() + timeout_s
     last = ""
+    unavailable_since: dict[str, float] = {}
     while time.monotonic() < deadline:
         try:
             apps = serve_status(head).get("applications") or {}
@@ -122,6 +134,11 @@ def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progres
             break
         if any(s == "DEPLOY_FAILED" for s in states.values()):
             raise RuntimeError(f"deploy failed: {json.dumps(apps)[:3000]}")
+        if run_dir is not None and (blocked := model_state.blocked_models(
+                model_state.read_local(run_dir), unavailable_since, time.monotonic(),
+                BLOCKED_GRACE_S)):
+            raise StartBlocked("; ".join(f"model {m} cannot start: {why}"
+                                         for m, why in sorted(blocked.items())))
         time.sleep(1)
     else:
         raise TimeoutError(f"not ready after {timeout_s}s; see hpcserve status and logs")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.config import PoolConfig
-from cluster.model_state import model_states
+from cluster.model_state import blocked_models, model_states, read_local, write_local
 from cluster.pool import Pool
 from cluster.providers.base import Provider, WorkerSpec
 from cluster.state import QUEUED, RETIRED, SERVING, STARTING, Allocation, StateStore
@@ -136,3 +136,23 @@ class _NoSubmits(Provider):
 
     def cancel(self, job_id):
         pass
+
+
+def test_up_gives_up_on_a_model_only_once_it_stayed_unavailable(tmp_path):
+    """``hpcserve up`` reads the control loop's file: a model unavailable for the
+    grace period stops the wait, with the pool's reason; a flicker does not."""
+    assert read_local(tmp_path) == {}  # before the first tick
+    states = _state([TINY, BIG], {"engine-tiny": _dep(1, "STARTING", node=None),
+                                  "engine-big": _dep(1, "STARTING", node=None)},
+                    blocked={"gpu": "budget: demand needs 1.00 node-hours, 0.20 left today"})
+    write_local(tmp_path, states, NOW)
+    seen = read_local(tmp_path)
+    assert seen == states and seen["big"]["state"] == "unavailable"
+    since: dict[str, float] = {}
+    assert blocked_models(seen, since, 100.0, grace_s=20) == {}  # just seen
+    assert blocked_models(seen, since, 119.0, grace_s=20) == {}
+    assert blocked_models(seen, since, 120.0, grace_s=20) == {
+        "big": "budget: demand needs 1.00 node-hours, 0.20 left today"}
+    # it got a node meanwhile: the clock starts over
+    seen["big"] = {**seen["big"], "state": "starting"}
+    assert blocked_models(seen, since, 121.0, grace_s=20) == {} and since == {}

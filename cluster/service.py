@@ -109,8 +109,8 @@ class StartBlocked(RuntimeError):
 
 
 # How long a model stays unavailable before `up` gives up waiting for it: the pool
-# retries a refused submit after a backoff, and a first refusal may be a hiccup.
-BLOCKED_GRACE_S = 20.0
+# retries a refused submit after 4, 8, 16 s, so a refusal that is a hiccup passes.
+BLOCKED_GRACE_S = 30.0
 
 
 def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progress,

@@ -68,7 +68,10 @@ def _publish_model_state(view: RayView, pools: list[Pool], serve: dict,
                           store.allocations(live_only=True),
                           {p.config.name: why for p in pools if (why := p.blocked(now))}, now,
                           {a: t for p in pools for a, t in p.expected_starts.items()})
-    write_local(run_dir, states, now)  # for `hpcserve up`, which has no GCS client
+    try:
+        write_local(run_dir, states, now)  # for `hpcserve up`, which has no GCS client
+    except OSError as err:
+        log.warning("model state not written to %s: %s", run_dir, err)
     try:
         publish(view, states)
     except Exception as err:  # the GCS restarting: the replicas keep their last copy

@@ -96,19 +96,26 @@ def write_local(run_dir: Path, states: dict[str, dict], now: float) -> None:
     os.replace(tmp, run_dir / LOCAL_FILE)
 
 
-def read_local(run_dir: Path) -> dict[str, dict]:
-    """The states ``write_local`` wrote last; {} before the first tick."""
+def read_local(run_dir: Path, now: float, max_age_s: float = 60.0) -> dict[str, dict]:
+    """The states ``write_local`` wrote last; {} before the first tick, and when
+    they are older than ``max_age_s`` (the control loop stopped, or cannot see
+    Ray): an old ``unavailable`` is no reason to give up."""
     try:
-        return json.loads((run_dir / LOCAL_FILE).read_text()).get("models") or {}
+        data = json.loads((run_dir / LOCAL_FILE).read_text())
     except (OSError, ValueError):
         return {}
+    if now - float(data.get("time") or 0) > max_age_s:
+        return {}
+    return data.get("models") or {}
 
 
 def blocked_models(states: Mapping[str, dict], since: dict[str, float], now: float,
                    grace_s: float) -> dict[str, str]:
     """Models ``unavailable`` for at least ``grace_s`` (model -> reason).  ``since``
     (model -> when it was first seen unavailable) is kept up to date in place; a
-    model seen in any other state starts over."""
+    model seen in any other state, or not seen (no fresh states), starts over."""
+    for name in [n for n in since if n not in states]:
+        del since[name]
     for name, st in states.items():
         if st.get("state") == "unavailable":
             since.setdefault(name, now)

@@ -14,16 +14,23 @@ from __future__ import annotations
 import random
 import sys
 
-from serve_app.processes import free_port, free_ports, port_free, release_port, reserve_port
+from serve_app import port_claims
+from serve_app.processes import free_port, free_ports, port_free
 
 __all__ = ["free_port", "free_port_range", "free_ports"]
 
 _RANGE_LO, _RANGE_HI = 20000, 30000
+BLOCK_HOLD_S = 120.0
 
 
 def free_port_range(size: int, host: str = "127.0.0.1", attempts: int = 50) -> tuple[int, int]:
     """A block ``[lo, lo + size - 1]`` whose ports are all free right now and not
-    handed out to another hpcserve process on this host (``reserve_port``)."""
+    handed out to another hpcserve process on this host (``port_claims``).
+
+    The claim holds BLOCK_HOLD_S, for nodes starting at the same time: a node binds
+    its worker ports one by one as workers start, so it cannot hold its block by
+    binding it, and a claim for its lifetime would run the range out where many
+    short-lived nodes start on one host (tests)."""
     rng = random.Random()
     for _ in range(attempts):
         lo = rng.randrange(_RANGE_LO, _RANGE_HI - size)
@@ -32,13 +39,13 @@ def free_port_range(size: int, host: str = "127.0.0.1", attempts: int = 50) -> t
             continue
         claimed = []
         for p in block:
-            if not reserve_port(p):
+            if not port_claims.claim(p, BLOCK_HOLD_S):
                 break
             claimed.append(p)
         if len(claimed) == size:
             return lo, lo + size - 1
         for p in claimed:
-            release_port(p)
+            port_claims.release(p)
     raise RuntimeError(f"no free block of {size} ports in {_RANGE_LO}-{_RANGE_HI}")
 
 

@@ -109,8 +109,9 @@ class StartBlocked(RuntimeError):
 
 
 # How long a model stays unavailable before `up` gives up waiting for it: the pool
-# retries a refused submit after 4, 8, 16 s, so a refusal that is a hiccup passes.
-BLOCKED_GRACE_S = 30.0
+# retries a refused submit 4, 12, 28 and 60 s after the first refusal, so a
+# refusal that is a hiccup passes.
+BLOCKED_GRACE_S = 60.0
 
 
 def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progress,
@@ -134,9 +135,11 @@ def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progres
             break
         if any(s == "DEPLOY_FAILED" for s in states.values()):
             raise RuntimeError(f"deploy failed: {json.dumps(apps)[:3000]}")
-        if run_dir is not None and (blocked := model_state.blocked_models(
-                model_state.read_local(run_dir), unavailable_since, time.monotonic(),
-                BLOCKED_GRACE_S)):
+        states_now = model_state.read_local(  # fresh: written within 3 ticks
+            run_dir, time.time(), max(60.0, 3 * config.cluster.control_idle_interval_s)
+        ) if run_dir else {}
+        if blocked := model_state.blocked_models(states_now, unavailable_since,
+                                                 time.monotonic(), BLOCKED_GRACE_S):
             raise StartBlocked("; ".join(f"model {m} cannot start: {why}"
                                          for m, why in sorted(blocked.items())))
         time.sleep(1)

@@ -14,6 +14,8 @@ import socket
 import subprocess
 import time
 
+from serve_app import port_claims
+
 
 def pid_alive(pid: int | None) -> bool:
     """True while ``pid`` exists (a zombie child of ours is reaped and counts as gone)."""
@@ -122,59 +124,6 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 _LISTENER_POOLS = (range(31000, 32768), range(61000, 65536))
 _warned: list[bool] = []
 
-# A chosen port is not bound yet, so it looks free to the next process that
-# chooses (``hpcserve up`` choosing the head's ports while the test that started
-# it holds the HTTP port it put in the config; two worker jobs on one node).
-# Every hpcserve process on the host therefore records what it hands out in one
-# directory, a file per port, created exclusively; a record expires after
-# RESERVE_S, by when the port is bound or was never used.
-RESERVE_S = 600.0
-_RESERVATIONS = f"/tmp/hpcserve-ports-{os.getuid()}"
-_pruned: set[str] = set()
-
-
-def _prune_expired(directory: str) -> None:
-    """Once per process: drop the records that have expired, so the directory stays small."""
-    if directory in _pruned:
-        return
-    _pruned.add(directory)
-    now = time.time()
-    for entry in os.scandir(directory):
-        try:
-            if now - entry.stat().st_mtime >= RESERVE_S:
-                os.unlink(entry.path)
-        except FileNotFoundError:
-            pass
-
-
-def reserve_port(port: int) -> bool:
-    """Claim ``port`` for this process unless another hpcserve process on the host
-    claimed it within RESERVE_S; True if claimed."""
-    os.makedirs(_RESERVATIONS, mode=0o700, exist_ok=True)
-    _prune_expired(_RESERVATIONS)
-    path = os.path.join(_RESERVATIONS, str(port))
-    for _ in range(2):
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            return True
-        except FileExistsError:
-            try:
-                if time.time() - os.stat(path).st_mtime < RESERVE_S:
-                    return False
-                os.unlink(path)  # expired: reclaim it
-            except FileNotFoundError:
-                pass
-    return False
-
-
-def release_port(port: int) -> None:
-    """Give back a claim that will not be used."""
-    try:
-        os.unlink(os.path.join(_RESERVATIONS, str(port)))
-    except FileNotFoundError:
-        pass
-
-
 def _ephemeral_range() -> range:
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -187,8 +136,8 @@ def _ephemeral_range() -> range:
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct ports free right now, outside the ephemeral range.
 
-    A port handed out is not handed out again, by any hpcserve process on this
-    host, for RESERVE_S (``reserve_port``).  Falls back to the kernel's choice if
+    A port handed out is not handed out again by any hpcserve process of this user
+    on this host while its claim holds (``port_claims``).  Falls back to the kernel's choice if
     the pools are exhausted or lie inside a widened ephemeral range.
     """
     ephemeral = _ephemeral_range()
@@ -206,12 +155,12 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
         if len(ports) == n or not pool:
             break
         p = rng.choice(pool)
-        if p not in ports and port_free(p, host) and reserve_port(p):
+        if p not in ports and port_free(p, host) and port_claims.claim(p):
             ports.append(p)
     while len(ports) < n:  # the kernel's choice: free now, but ephemeral
         with socket.socket() as s:
             s.bind((host, 0))
-            if (p := s.getsockname()[1]) not in ports:
+            if (p := s.getsockname()[1]) not in ports and port_claims.claim(p):
                 ports.append(p)
     return ports
 

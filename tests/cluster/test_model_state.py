@@ -141,13 +141,14 @@ class _NoSubmits(Provider):
 def test_up_gives_up_on_a_model_only_once_it_stayed_unavailable(tmp_path):
     """``hpcserve up`` reads the control loop's file: a model unavailable for the
     grace period stops the wait, with the pool's reason; a flicker does not."""
-    assert read_local(tmp_path) == {}  # before the first tick
+    assert read_local(tmp_path, NOW) == {}  # before the first tick
     states = _state([TINY, BIG], {"engine-tiny": _dep(1, "STARTING", node=None),
                                   "engine-big": _dep(1, "STARTING", node=None)},
                     blocked={"gpu": "budget: demand needs 1.00 node-hours, 0.20 left today"})
     write_local(tmp_path, states, NOW)
-    seen = read_local(tmp_path)
+    seen = read_local(tmp_path, NOW + 5)
     assert seen == states and seen["big"]["state"] == "unavailable"
+    assert read_local(tmp_path, NOW + 61) == {}  # the control loop stopped writing
     since: dict[str, float] = {}
     assert blocked_models(seen, since, 100.0, grace_s=20) == {}  # just seen
     assert blocked_models(seen, since, 119.0, grace_s=20) == {}

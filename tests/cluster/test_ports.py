@@ -1,21 +1,20 @@
 """Ports chosen now and bound later must survive the machine's outgoing connections."""
 
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from cluster.ports import free_port_range, free_ports
-from serve_app import processes
+from serve_app import port_claims, processes
 from serve_app.processes import _ephemeral_range
 
 
 @pytest.fixture(autouse=True)
-def reservations(tmp_path, monkeypatch):
-    """Claims of this test only, so a suite running beside it changes nothing."""
-    monkeypatch.setattr(processes, "_RESERVATIONS", str(tmp_path / "ports"))
-    return tmp_path / "ports"
+def claims(tmp_path, monkeypatch):
+    """Claims of this test only (the ports themselves are the host's)."""
+    monkeypatch.setattr(port_claims, "_DIR", str(tmp_path / "ports"))
+    monkeypatch.setattr(port_claims, "_checked", {})
+    monkeypatch.setattr(port_claims, "_local", {})
 
 
 def test_single_ports_are_distinct_free_and_outside_the_ephemeral_range():
@@ -51,30 +50,7 @@ def test_a_port_range_lies_below_the_single_ports_and_is_free():
     assert hi - lo == 49 and 20000 <= lo and hi < 30000
 
 
-def test_a_port_another_process_chose_is_not_chosen_until_its_claim_expires(
-        monkeypatch, reservations):
-    """The race behind a failed ``hpcserve up``: the test put a chosen HTTP port in
-    the config, ``up`` chose the head's ports in its own process and took it."""
-    pool = range(31200, 31210)
-    monkeypatch.setattr(processes, "_LISTENER_POOLS", (pool,))
-    child = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from serve_app import processes as p; p._RESERVATIONS = sys.argv[1]; "
-         "p._LISTENER_POOLS = (range(31200, 31210),); print(*p.free_ports(6))",
-         str(reservations)], capture_output=True, text=True, check=True)
-    theirs = set(map(int, child.stdout.split()))
-    assert len(theirs) == 6
-    ours = free_ports(4)  # 50 draws per port from 10: every port is tried
-    assert set(ours) == set(pool) - theirs
-    # a claim older than RESERVE_S is taken back; one given back is free at once
-    monkeypatch.setattr(processes, "RESERVE_S", 0.0)
-    assert processes.reserve_port(min(theirs))
-    processes.release_port(min(theirs))
-    monkeypatch.setattr(processes, "RESERVE_S", 600.0)
-    assert processes.reserve_port(min(theirs))
-
-
-def test_port_ranges_of_two_nodes_on_one_host_do_not_overlap(monkeypatch):
+def test_port_ranges_of_two_nodes_on_one_host_do_not_overlap():
     blocks = [free_port_range(200) for _ in range(20)]
     taken = [p for lo, hi in blocks for p in range(lo, hi + 1)]
     assert len(taken) == len(set(taken)) == 20 * 200

@@ -56,6 +56,20 @@ def _processes(roots: list[int]) -> dict[int, psutil.Process]:
     return found
 
 
+def _descends(pid: int, roots: list[int], procs: dict[int, psutil.Process]) -> bool:
+    """Whether ``pid``, started since the tree was read, is ours (adds it if so):
+    Serve replaces HAProxy's process on every reload, so its listener may belong
+    to a process younger than the tree."""
+    try:
+        proc = psutil.Process(pid)
+        if not any(parent.pid in roots for parent in proc.parents()):
+            return False
+    except psutil.Error:
+        return False
+    procs[pid] = proc
+    return True
+
+
 def _reach(host: str) -> str:
     try:
         return "this machine" if ipaddress.ip_address(host).is_loopback else "network"
@@ -114,11 +128,14 @@ def _role(name: str, host: str, port: int, head: HeadInfo,
 
 def listeners(run_dir: Path, head: HeadInfo, authenticated: bool) -> list[Listener]:
     """Every LISTEN socket of this service's processes on this machine."""
-    procs = _processes(_roots(run_dir, head))
+    roots = _roots(run_dir, head)
+    procs = _processes(roots)
     api_auth = "API key" if authenticated else "none (loopback only)"
     out = []
     for conn in psutil.net_connections(kind="inet"):
-        if conn.status != psutil.CONN_LISTEN or conn.pid not in procs:
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
+            continue
+        if conn.pid not in procs and not _descends(conn.pid, roots, procs):
             continue
         try:
             proc = procs[conn.pid]

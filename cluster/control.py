@@ -16,7 +16,7 @@ from pathlib import Path
 from cluster import metrics
 from cluster.config import load_run_config
 from cluster.head import HeadInfo
-from cluster.model_state import model_states, publish, write_local
+from cluster.model_state import document, model_states, publish, write_local
 from cluster.policy import demand_by_pool
 from cluster.pool import Pool
 from cluster.providers import make_provider
@@ -68,12 +68,13 @@ def _publish_model_state(view: RayView, pools: list[Pool], serve: dict,
                           store.allocations(live_only=True),
                           {p.config.name: why for p in pools if (why := p.blocked(now))}, now,
                           {a: t for p in pools for a, t in p.expected_starts.items()})
+    doc = document(states, now)
     try:
-        write_local(run_dir, states, now)  # for `hpcserve up`, which has no GCS client
+        write_local(run_dir, doc)  # for `hpcserve up`, which has no GCS client
     except OSError as err:
         log.warning("model state not written to %s: %s", run_dir, err)
     try:
-        publish(view, states)
+        publish(view, doc)
     except Exception as err:  # the GCS restarting: the replicas keep their last copy
         log.warning("model state not published: %s", err)
 

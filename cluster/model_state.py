@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -83,16 +82,20 @@ def model_states(models: Iterable[Mapping[str, Any]], deployments: Mapping[str, 
     return out
 
 
-def publish(view, states: dict[str, dict]) -> None:
+def document(states: dict[str, dict], now: float) -> str:
+    """What both copies hold: the states and when they were computed."""
+    return json.dumps({"time": now, "models": states})
+
+
+def publish(view, doc: str) -> None:
     """``view``: ``cluster.ray_view.RayView`` (its GCS client)."""
-    view.publish(KV_KEY, json.dumps({"time": time.time(), "models": states}).encode(),
-                 KV_NAMESPACE)
+    view.publish(KV_KEY, doc.encode(), KV_NAMESPACE)
 
 
-def write_local(run_dir: Path, states: dict[str, dict], now: float) -> None:
-    """The same states in the run dir, replaced whole, for readers without a GCS client."""
+def write_local(run_dir: Path, doc: str) -> None:
+    """The same document in the run dir, replaced whole, for readers without a GCS client."""
     tmp = run_dir / f".{LOCAL_FILE}.tmp"
-    tmp.write_text(json.dumps({"time": now, "models": states}))
+    tmp.write_text(doc)
     os.replace(tmp, run_dir / LOCAL_FILE)
 
 

@@ -115,7 +115,7 @@ BLOCKED_GRACE_S = 60.0
 
 
 def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progress,
-               t0: float, run_dir: Path | None = None) -> None:
+               t0: float, run_dir: Path) -> None:
     """Until every app is RUNNING and each model answers one token; StartBlocked
     as soon as a model has stayed unavailable for BLOCKED_GRACE_S."""
     deadline = time.monotonic() + timeout_s
@@ -136,8 +136,7 @@ def wait_ready(head: HeadInfo, config: HpcserveConfig, timeout_s: float, progres
         if any(s == "DEPLOY_FAILED" for s in states.values()):
             raise RuntimeError(f"deploy failed: {json.dumps(apps)[:3000]}")
         states_now = model_state.read_local(  # fresh: written within 3 ticks
-            run_dir, time.time(), max(60.0, 3 * config.cluster.control_idle_interval_s)
-        ) if run_dir else {}
+            run_dir, time.time(), max(60.0, 3 * config.cluster.control_idle_interval_s))
         if blocked := model_state.blocked_models(states_now, unavailable_since,
                                                  time.monotonic(), BLOCKED_GRACE_S):
             raise StartBlocked("; ".join(f"model {m} cannot start: {why}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.config import PoolConfig
-from cluster.model_state import blocked_models, model_states, read_local, write_local
+from cluster.model_state import blocked_models, document, model_states, read_local, write_local
 from cluster.pool import Pool
 from cluster.providers.base import Provider, WorkerSpec
 from cluster.state import QUEUED, RETIRED, SERVING, STARTING, Allocation, StateStore
@@ -145,7 +145,7 @@ def test_up_gives_up_on_a_model_only_once_it_stayed_unavailable(tmp_path):
     states = _state([TINY, BIG], {"engine-tiny": _dep(1, "STARTING", node=None),
                                   "engine-big": _dep(1, "STARTING", node=None)},
                     blocked={"gpu": "budget: demand needs 1.00 node-hours, 0.20 left today"})
-    write_local(tmp_path, states, NOW)
+    write_local(tmp_path, document(states, NOW))
     seen = read_local(tmp_path, NOW + 5)
     assert seen == states and seen["big"]["state"] == "unavailable"
     assert read_local(tmp_path, NOW + 61) == {}  # the control loop stopped writing

@@ -17,6 +17,7 @@ import logging
 import os
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -51,6 +52,8 @@ class LedgerServer:
         self._task: asyncio.Task | None = None
         directory = haproxy_dir()  # (with shed_floods off: kept empty)
         self.shed_map = ShedMap(directory) if directory is not None else None
+        # its own thread: an update to HAProxy's map never waits behind store writes
+        self._shed_thread = ThreadPoolExecutor(1, thread_name_prefix="hpcserve-shed")
         self.sheds: dict = {}
         self.refusals = asyncio.Event()  # wakes the shed loop when replicas refused
         if not os.path.exists(self.path):  # a first start
@@ -122,7 +125,8 @@ class LedgerServer:
             try:  # never let shedding stop the ledger
                 if self.cfg.shed_floods:
                     self.sheds = decide(self.keys, self.buckets, self.sheds, now)
-                await asyncio.to_thread(self.shed_map.apply, self.sheds, now)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._shed_thread, self.shed_map.apply, self.sheds, now)
             except Exception:
                 log.exception("updating HAProxy's shed map failed")
             if not self.cfg.shed_floods and self.shed_map.error is None:

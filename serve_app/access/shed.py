@@ -10,9 +10,10 @@ it picks a replica (the rules are written into Serve's HAProxy config by
 ``cluster.haproxy_guard``).  The map holds the store's SHA-256 of each key, never a
 key.
 
-A key is shed only while its bucket is empty *and* its clients were refused more
-than ``REFUSED_TO_SHED`` times in the last second or so: a client that backs off as
-told is never shed.  The entry lasts until the bucket has refilled a twentieth of
+A key is shed only while its bucket is empty (it holds less than one unit per
+replica: the rest is split among their leases, so none may be able to admit) *and*
+its clients were refused more than ``REFUSED_TO_SHED`` times in the last second or
+so: a client that backs off as told is never shed.  The entry lasts until the bucket has refilled a twentieth of
 its capacity (at least one request, 1-60 s); then the replicas see the key again,
 admit from their leases, and refuse (and report) once more if the flood goes on.
 Each time a key is shed again within ``MEMORY_S`` of its last shed, the time
@@ -118,7 +119,9 @@ def decide(keys: Mapping[str, Mapping[str, Any]], buckets: Mapping[str, Bucket],
             if bucket is None or bucket.refill_per_s <= 0 or math.isnan(bucket.level):
                 continue
             level = bucket.level_at(now)
-            if level >= 1.0 or bucket.refused_at(now) < REFUSED_TO_SHED:
+            # What is left is split among the replicas' leases: with less than one
+            # unit per replica, none may hold enough to admit a request.
+            if level >= max(1, len(bucket.leases)) or bucket.refused_at(now) < REFUSED_TO_SHED:
                 continue
             target = max(1.0, REFILL_FRACTION * bucket.capacity)
             strikes = 0 if previous is None else previous.strikes + 1

@@ -70,7 +70,8 @@ def create_key(conn: sqlite3.Connection, name: str, project: str, *,
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     now = time.time()
     try:
-        with conn:  # the name's primary key settles a race between two creates
+        # the name's primary key settles a race between two creates
+        with sqlite_store.transaction(conn):
             conn.execute("INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,NULL,?,?)",
                          (name, project, hash_key(secret), secret[:len(KEY_PREFIX) + 4],
                           json.dumps(models or ["*"]), rpm, tpm, max_concurrent,
@@ -91,7 +92,7 @@ def update_key(conn: sqlite3.Connection, name: str, **changes: Any) -> None:
     if not changes:
         get_key(conn, name)  # only: does it exist
         return
-    with conn:
+    with sqlite_store.transaction(conn):
         sets = ", ".join(f"{f}=?" for f in changes)
         cur = conn.execute(f"UPDATE keys SET {sets}, updated_at=? WHERE name=?",
                            (*changes.values(), time.time(), name))
@@ -101,7 +102,7 @@ def update_key(conn: sqlite3.Connection, name: str, **changes: Any) -> None:
 
 
 def revoke_key(conn: sqlite3.Connection, name: str) -> None:
-    with conn:
+    with sqlite_store.transaction(conn):
         cur = conn.execute("UPDATE keys SET revoked_at=?, updated_at=? WHERE name=? "
                            "AND revoked_at IS NULL", (time.time(), time.time(), name))
         if cur.rowcount == 0:
@@ -112,7 +113,7 @@ def revoke_key(conn: sqlite3.Connection, name: str) -> None:
 def delete_key(conn: sqlite3.Connection, name: str) -> None:
     """Forget a key (its usage rows stay); for keys nobody was given, like the one
     ``hpcserve up`` makes to send each model its first request."""
-    with conn:
+    with sqlite_store.transaction(conn):
         if conn.execute("DELETE FROM keys WHERE name=?", (name,)).rowcount == 0:
             raise StoreError(f"no key named '{name}'")
         _bump(conn)
@@ -162,7 +163,7 @@ def keys_by_hash(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
 def record_usage(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> int:
     """Append finished requests; a request id already recorded is skipped, so a
     replica may resend a batch whose acknowledgement it lost."""
-    with conn:
+    with sqlite_store.transaction(conn):
         cur = conn.executemany(
             f"INSERT OR IGNORE INTO usage VALUES ({','.join('?' * len(USAGE_FIELDS))})",
             [tuple(r[f] for f in USAGE_FIELDS) for r in rows])

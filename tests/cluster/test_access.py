@@ -188,7 +188,8 @@ def test_a_key_flooding_past_its_limit_is_refused_by_haproxy_not_the_replicas(st
     # the first shed comes depends on how busy the box is)
     shed_ids = {id(r) for r in shed}
     first = next((i for i, r in enumerate(replies) if id(r) in shed_ids), None)
-    assert first is not None, "HAProxy refused none of the flood"
+    assert first is not None, ("HAProxy refused none of the flood; hpcserve status:\n"
+                               + stack.cli("status").stdout)
     later = [r for r in replies[first:] if r.status_code == 429]
     assert len(shed) >= 0.5 * len(later), "most refusals should come from HAProxy"
     for r in shed:

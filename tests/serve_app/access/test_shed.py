@@ -77,6 +77,20 @@ def test_refusals_are_forgotten_within_seconds_and_a_bucket_with_room_is_not_she
     assert decide(KEYS, slow, {}, now=103.0) == {}         # 20 refusals 3 s ago: ~1
 
 
+def test_what_is_left_split_among_the_replicas_leases_counts_as_empty():
+    """1.4 requests left and two replicas: each may hold 0.7 and refuse every request,
+    so the key is shed; with one unit per replica left, it is not."""
+    split = empty_bucket(60, 20)
+    split.level, split.leases = 1.4, {"r1": 0.7, "r2": 0.7}
+    assert set(decide(KEYS, {"key:flood|requests": split}, {}, now=100.0)) == {FLOOD}
+    room = empty_bucket(60, 20)
+    room.level, room.leases = 2.0, {"r1": 1.0, "r2": 1.0}
+    assert decide(KEYS, {"key:flood|requests": room}, {}, now=100.0) == {}
+    one = empty_bucket(60, 20)
+    one.level, one.leases = 1.4, {"r1": 1.4}
+    assert decide(KEYS, {"key:flood|requests": one}, {}, now=100.0) == {}
+
+
 def test_tokens_are_shed_too_and_bounds_hold():
     buckets = {"key:flood|tokens": Bucket(100_000, 100_000 / 60, level=0.0, updated=100.0,
                                           refused=10)}

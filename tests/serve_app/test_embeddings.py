@@ -92,10 +92,13 @@ def test_base64_decodes_to_the_same_floats(stack):
         decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
         assert decoded.shape == (384,)
         assert np.array_equal(decoded, np.array(f["embedding"], dtype=np.float32))
-    # the SDK asks for base64 by default and decodes it itself
+    # the SDK asks for base64 by default and decodes it itself (one input, not a
+    # batch of three: on AMX CPUs oneDNN's kernels for another batch shape round
+    # differently in the last bits, so equal to float32 precision, not bit for bit)
     sdk = stack.client().embeddings.create(model="minilm", input=TEXTS[0])
-    assert np.array_equal(np.array(sdk.data[0].embedding, dtype=np.float32),
-                          np.array(floats["data"][0]["embedding"], dtype=np.float32))
+    np.testing.assert_allclose(np.array(sdk.data[0].embedding, dtype=np.float32),
+                               np.array(floats["data"][0]["embedding"], dtype=np.float32),
+                               rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("body, param, code", [

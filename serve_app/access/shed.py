@@ -13,9 +13,10 @@ key.
 A key is shed only while its bucket is empty (it holds less than one unit per
 replica: the rest is split among their leases, so none may be able to admit) *and*
 its clients were refused more than ``REFUSED_TO_SHED`` times in the last second or
-so: a client that backs off as told is never shed.  The entry lasts until the bucket has refilled a twentieth of
-its capacity (at least one request, 1-60 s); then the replicas see the key again,
-admit from their leases, and refuse (and report) once more if the flood goes on.
+so: a client that backs off as told is never shed.  The entry lasts until the
+bucket has refilled a twentieth of its capacity (at least one request, 1-60 s);
+then the replicas see the key again, admit from their leases, and refuse (and
+report) once more if the flood goes on.
 Each time a key is shed again within ``MEMORY_S`` of its last shed, the time
 doubles (at most ``MAX_SHED_S``): a flood that goes on reaches the replicas for
 less and less of the time, while the key's limit stays what it was.
@@ -121,7 +122,8 @@ def decide(keys: Mapping[str, Mapping[str, Any]], buckets: Mapping[str, Bucket],
             level = bucket.level_at(now)
             # What is left is split among the replicas' leases: with less than one
             # unit per replica, none may hold enough to admit a request.
-            if level >= max(1, len(bucket.leases)) or bucket.refused_at(now) < REFUSED_TO_SHED:
+            empty = level < max(1, len(bucket.leases))
+            if not empty or bucket.refused_at(now) < REFUSED_TO_SHED:
                 continue
             target = max(1.0, REFILL_FRACTION * bucket.capacity)
             strikes = 0 if previous is None else previous.strikes + 1

@@ -7,6 +7,7 @@ runs on login and compute nodes without a display.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,46 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
             plot_ratio(report, kind, path)
             written.append(path)
     return written
+
+
+
+_STEP_VALUES = (("E2E P90, ratio to bare", 1.0), ("TTFT P90, difference to bare (ms)", 0.0),
+                ("output tokens/s, ratio to bare", 1.0))
+
+
+def plot_runs(groups: dict[str, dict[str, list[tuple[float | None, ...]]]],
+              targets: tuple[float, float, float], path: Path) -> None:
+    """Each run's E2E P90 ratio, TTFT P90 difference and throughput ratio per step
+    (dots), the median over a group's runs (a bar) and the targets (dashed).
+
+    ``groups`` maps a name (``split``) to step label to one value triple per run, as
+    ``targets.step_values`` gives it.  A single sweep moves by more than the targets,
+    so a reader needs the spread beside the median; groups sit side by side per step.
+    """
+    labels = list(dict.fromkeys(label for steps in groups.values() for label in steps))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    width = 0.8 / max(1, len(groups))
+    for gi, (name, steps) in enumerate(groups.items()):
+        offset = (gi - (len(groups) - 1) / 2) * width
+        runs = max(len(runs) for runs in steps.values())
+        for column, ax in enumerate(axes):
+            legend = f"{name}: median of {runs} run{'s' if runs > 1 else ''}"
+            for xi, label in enumerate(labels):
+                ys = [v[column] for v in steps.get(label, []) if v[column] is not None]
+                if not ys:
+                    continue
+                x = xi + offset
+                ax.plot([x] * len(ys), ys, ".", color=f"C{gi}", alpha=0.5, ms=5)
+                ax.plot([x - width * 0.4, x + width * 0.4], [statistics.median(ys)] * 2,
+                        color=f"C{gi}", lw=2.5, label=legend)
+                legend = None
+    for ax, (title, neutral), target in zip(axes, _STEP_VALUES, targets):
+        ax.axhline(neutral, color="black", lw=0.8)
+        ax.axhline(target, color="red", lw=1, ls="--", label="target")
+        ax.set_title(title)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, fontsize="small")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -118,3 +118,22 @@ def test_paired_table_pairs_within_a_round_and_skips_failures(tmp_path: Path) ->
     cells = [c.strip() for c in pool.paired_table([run], targets)[2].split("|")[1:-1]]
     # 2 pairs at ratio 2.0 (round 0) and 3 at 1.0 (round 1): median 1.0, not a round mix-up
     assert cells[:4] == ["qps=1", "5", "1.000", "1.000"]
+
+
+def test_plot_groups_runs_by_name_less_its_number(tmp_path: Path) -> None:
+    """`--plot`: split1 and split2 are one group, direct1 another; each run's own
+    values are kept per step, in the order given, and the figure is written."""
+    rng = np.random.default_rng(5)
+    e2e = {"service": rng.uniform(0.9, 1.1, 50).tolist(), "bare": rng.uniform(1.0, 1.2, 50).tolist()}
+    for name, scale in (("split1", 1.0), ("split2", 1.5), ("direct1", 2.0)):
+        _write_run(tmp_path / name, {"service": [scale * v for v in e2e["service"]], "bare": e2e["bare"]})
+    runs = [tmp_path / n for n in ("split1", "split2", "direct1")]
+    pool = _load_bench_pool()
+    groups = pool.run_groups(runs, targets)
+    assert list(groups) == ["split", "direct"]
+    ratios = [e for e, _, _ in groups["split"]["c=4"]]
+    assert len(ratios) == 2 and ratios[1] == pytest.approx(1.5 * ratios[0], rel=1e-6)
+    assert len(groups["direct"]["c=4"]) == 1
+    out = tmp_path / "runs.png"
+    assert pool.main([*map(str, runs), "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

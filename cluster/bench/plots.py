@@ -112,7 +112,6 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-
 _STEP_VALUES = (("E2E P90, ratio to bare", 1.0), ("TTFT P90, difference to bare (ms)", 0.0),
                 ("output tokens/s, ratio to bare", 1.0))
 
@@ -131,9 +130,9 @@ def plot_runs(groups: dict[str, dict[str, list[tuple[float | None, ...]]]],
     width = 0.8 / max(1, len(groups))
     for gi, (name, steps) in enumerate(groups.items()):
         offset = (gi - (len(groups) - 1) / 2) * width
-        runs = max(len(runs) for runs in steps.values())
+        n_runs = max(len(values) for values in steps.values())
         for column, ax in enumerate(axes):
-            legend = f"{name}: median of {runs} run{'s' if runs > 1 else ''}"
+            legend = f"{name}: median of {n_runs} run{'s' if n_runs > 1 else ''}"
             for xi, label in enumerate(labels):
                 ys = [v[column] for v in steps.get(label, []) if v[column] is not None]
                 if not ys:

@@ -22,7 +22,8 @@ What the template leaves that a shared login node must not have:
 * a model request is held until its body is in, so that HAProxy can send it again
   if its replica dies before answering; with models in applications of their own,
   it goes to its model's application by the ``model`` its body names
-  (``cluster/model_routes.py``);
+  (``cluster/model_routes.py``), through the failover relay for a model with
+  ``failover: true`` (started here, ``cluster/failover_relay.py``);
 * with no credentials every Serve socket binds loopback (``HPCSERVE_SERVE_BIND_HOST``
   is 127.0.0.1), so replicas on this machine's other loopback addresses
   (127.0.0.10, ...) are reached at 127.0.0.1.
@@ -37,6 +38,7 @@ import ipaddress
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,9 +79,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def rewrite(config: str, *, http_host: str, serve_bind_host: str, error_dir: Path,
-            shed_dir: Path | None = None) -> str:
+            shed_dir: Path | None = None, relay_port: int | None = None) -> str:
     """The config with hpcserve's binds, socket mode, error pages, server hosts and
-    (with ``shed_dir``) the rules that refuse shed keys."""
+    (with ``shed_dir``) the rules that refuse shed keys and route by model (through
+    the failover relay on ``relay_port`` for the models in its map)."""
     def sub(pattern: str, repl, text: str, what: str, count: int = 0) -> str:
         new, n = re.subn(pattern, repl, text, count=count, flags=re.MULTILINE)
         if n == 0:
@@ -101,11 +104,17 @@ def rewrite(config: str, *, http_host: str, serve_bind_host: str, error_dir: Pat
                      lambda m: m[1] + shed.frontend_rules(shed_dir), config,
                      "http frontend bind", count=1)
     if shed_dir is not None and model_routes.RULES_MARK not in config:
-        routes = shed_dir / model_routes.MAP_FILE
-        route = routes.exists() and routes.stat().st_size > 0
+        route = _nonempty(shed_dir / model_routes.MAP_FILE)
+        relay = route and relay_port is not None and _nonempty(
+            shed_dir / model_routes.FAILOVER_MAP_FILE)
         config = sub(r"^(frontend http_frontend\n\s*bind \S+\n(?:.*hpcserve_shed.*\n|\s*#.*\n)*)",
-                     lambda m: m[1] + model_routes.frontend_rules(shed_dir, route), config,
+                     lambda m: m[1] + model_routes.frontend_rules(shed_dir, route, relay), config,
                      "http frontend bind", count=1)
+        if relay:
+            config = sub(r"^(frontend http_frontend\n(?:(?!\s*(?:use|default)_backend ).*\n)*)",
+                         lambda m: m[1] + model_routes.RELAY_USE_BACKEND, config,
+                         "http frontend's backend rules", count=1)
+            config += model_routes.relay_backend(relay_port)
     for status in (502, 503, 504):
         page = error_dir / f"hpcserve-{status}.http"
         config = sub(rf"^(\s*errorfile {status}) \S+", rf"\1 {page}", config,
@@ -116,6 +125,35 @@ def rewrite(config: str, *, http_host: str, serve_bind_host: str, error_dir: Pat
         config = re.sub(r"^(\s*server \S+ )([0-9.]+):(\d+)", local, config,
                         flags=re.MULTILINE)
     return config
+
+
+def _nonempty(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+def frontend_address(config: str, http_host: str) -> str:
+    """Where the relay reaches HAProxy's client frontend (HOST:PORT)."""
+    port = re.search(r"^frontend http_frontend\n\s*bind \S*:(\d+)", config, re.MULTILINE)[1]
+    host = LOOPBACK if http_host in ("0.0.0.0", "::") or _is_loopback(http_host) else http_host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def ensure_relay(directory: Path, port: int, upstream: str) -> None:
+    """Start the failover relay unless this head's is running (its PID in
+    ``relay.pid``).  It stays in the head's session, so ``down`` stops it with the
+    head; HAProxy's (re)starts bring it back if it died."""
+    pid_file = directory / "relay.pid"
+    try:
+        pid = int(pid_file.read_text())
+        if b"cluster.failover_relay" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return
+    except (OSError, ValueError):
+        pass
+    with open(directory / "relay.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.failover_relay",
+                                 "--port", str(port), "--upstream", upstream],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)
+    pid_file.write_text(str(proc.pid))
 
 
 def write_error_pages(error_dir: Path) -> None:
@@ -142,9 +180,14 @@ def guard_and_exec(argv: list[str]) -> None:
         shed_dir = shed.haproxy_dir() or config_path.parent
         write_shed_files(shed_dir)
         text = config_path.read_text()
-        new = rewrite(text, http_host=os.environ.get("HPCSERVE_HTTP_HOST", LOOPBACK),
+        http_host = os.environ.get("HPCSERVE_HTTP_HOST", LOOPBACK)
+        relay_port = int(os.environ["HPCSERVE_RELAY_PORT"]) \
+            if os.environ.get("HPCSERVE_RELAY_PORT") else None
+        new = rewrite(text, http_host=http_host,
                       serve_bind_host=os.environ.get("HPCSERVE_SERVE_BIND_HOST", LOOPBACK),
-                      error_dir=config_path.parent, shed_dir=shed_dir)
+                      error_dir=config_path.parent, shed_dir=shed_dir, relay_port=relay_port)
+        if relay_port is not None and model_routes.RELAY_BACKEND in new:
+            ensure_relay(config_path.parent, relay_port, frontend_address(new, http_host))
         if new != text:
             tmp = config_path.with_suffix(".hpcserve-tmp")
             tmp.write_text(new)

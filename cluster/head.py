@@ -175,10 +175,11 @@ def start_head(config: HpcserveConfig, run_dir: Path, token_path: Path,
     node_args, node_env = node_port_args(cfg.node_ip, cfg.metrics_export_port)
     env.update(node_env)
     gcs_port, dash_port = cfg.gcs_port or free_ports(1)[0], cfg.dashboard_port or free_ports(1)[0]
-    client_port, dash_metrics, autoscaler_metrics, control_metrics = free_ports(4)
+    client_port, dash_metrics, autoscaler_metrics, control_metrics, relay = free_ports(5)
     # Ray's defaults are fixed (44227, 44217): a second head on the machine collided.
     env.update({"DASHBOARD_METRIC_PORT": str(dash_metrics),
-                "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics)})
+                "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics),
+                "HPCSERVE_RELAY_PORT": str(relay)})  # the failover relay (loopback)
     metrics_port = int(next(a for a in node_args
                             if a.startswith("--metrics-export-port=")).split("=")[1])
     cmd = [RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=0",

@@ -23,13 +23,15 @@ from serve_app.layout import ROUTE_PREFIX as PREFIX
 from serve_app.layout import model_route as route_prefix
 
 MAP_FILE = "hpcserve-models.map"
+FAILOVER_MAP_FILE = "hpcserve-failover.map"  # models whose requests take the relay
+RELAY_BACKEND = "hpcserve_failover_relay"
 MODEL_APP_IMPORT_PATH = "serve_app.app:build_model_app"
 # the bodies that name a model; others (GET /v1/models, files, batches) go to the router
 MODEL_PATHS = "/v1/chat/completions /v1/completions /v1/embeddings"
 RULES_MARK = "# hpcserve: a model request whole"
 
 
-def frontend_rules(map_dir: Path, route: bool = True) -> str:
+def frontend_rules(map_dir: Path, route: bool = True, relay: bool = False) -> str:
     """Lines for Serve's ``http_frontend``, after its ``bind`` (and the shed rules).
 
     ``wait-for-body`` holds a model request until its body is in (at most 1 s, at
@@ -39,7 +41,12 @@ def frontend_rules(map_dir: Path, route: bool = True) -> str:
     a model request may be (a batch created twice would run twice).  And (``route``:
     some models have applications of their own) ``json_query`` reads the ``model``
     from what is in the buffer, so a model named after the first 16 KiB (Serve's
-    ``tune.bufsize``) is not found and the router serves the request.  A path already under ``/_m/`` is left as it is."""
+    ``tune.bufsize``) is not found and the router serves the request.  A path already under ``/_m/`` is left as it is.
+
+    ``relay``: a request for a model in the failover map goes to the failover relay
+    (``cluster.failover_relay``) with its model's route already in its path; the
+    relay sends it back here under ``/_m/``, which these rules leave alone, so the
+    model's replicas answer it."""
     cond = f"METH_POST {{ path {MODEL_PATHS} }}"
     rules = (f"    {RULES_MARK} before it is sent on (retried if its replica dies)\n"
              f"    http-request wait-for-body time 1s if {cond}\n"
@@ -47,31 +54,54 @@ def frontend_rules(map_dir: Path, route: bool = True) -> str:
              f"    http-request disable-l7-retry if !METH_GET !{{ path {MODEL_PATHS} }}\n")
     if not route:
         return rules
-    return rules + (
+    rules += (
         "    # hpcserve: a request for a model with its own application goes to its replicas\n"
         f"    http-request set-var(txn.hpcserve_model) req.body,json_query('$.model') if {cond}\n"
         "    http-request set-var(txn.hpcserve_route) "
-        f"var(txn.hpcserve_model),map({map_dir / MAP_FILE}) if {{ var(txn.hpcserve_model) -m found }}\n"
+        f"var(txn.hpcserve_model),map({map_dir / MAP_FILE}) if {{ var(txn.hpcserve_model) -m found }}\n")
+    if relay:
+        rules += (
+            "    # hpcserve: ... through the failover relay if the model asks for failover\n"
+            "    http-request set-var(txn.hpcserve_relay) var(txn.hpcserve_model),"
+            f"map({map_dir / FAILOVER_MAP_FILE}) if {{ var(txn.hpcserve_route) -m found }} "
+            f"!{{ path_beg {PREFIX} }}\n")
+    return rules + (
         "    http-request set-path %[var(txn.hpcserve_route)]%[path] "
         f"if {{ var(txn.hpcserve_route) -m found }} !{{ path_beg {PREFIX} }}\n")
 
 
-def write_map(map_dir: Path, models: list[str]) -> Path:
-    """The map of the models that have their own application (atomically)."""
+RELAY_USE_BACKEND = (f"    # hpcserve: failover models' requests take the relay\n"
+                     f"    use_backend {RELAY_BACKEND} if {{ var(txn.hpcserve_relay) -m found }}\n")
+
+
+def relay_backend(port: int) -> str:
+    """The backend HAProxy sends failover models' requests to (appended to the config)."""
+    return (f"\n# hpcserve: the failover relay (cluster.failover_relay)\nbackend {RELAY_BACKEND}\n"
+            f"    server relay 127.0.0.1:{port}\n")
+
+
+def write_map(map_dir: Path, models: list[str], failover: list[str] = ()) -> Path:
+    """The maps of the models that have their own application and of those among
+    them that take the failover relay (atomically)."""
+    _write(map_dir / FAILOVER_MAP_FILE, "".join(f"{m} 1\n" for m in failover if " " not in m))
     path = map_dir / MAP_FILE
-    text = "".join(f"{m} {route_prefix(m)}\n" for m in models if " " not in m)
+    _write(path, "".join(f"{m} {route_prefix(m)}\n" for m in models if " " not in m))
+    return path
+
+
+def _write(path: Path, text: str) -> None:
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
-    return path
 
 
-def split_apps(serve_config: dict) -> tuple[dict, list[str]]:
+def split_apps(serve_config: dict) -> tuple[dict, list[str], list[str]]:
     """Serve's config with each hpcserve app at ``/`` whose models get applications of
     their own (``AppConfig.own_app_models``) split into those and the router; and
-    the models HAProxy is to route by (for ``write_map``).
+    the models HAProxy is to route by and those it sends through the failover relay
+    (for ``write_map``).
 
     Generated applications carry the user's app settings (``runtime_env`` and the
     like) and args, plus ``serve_app.layout.LAYOUT_ARG`` telling each what it is."""
@@ -81,10 +111,13 @@ def split_apps(serve_config: dict) -> tuple[dict, list[str]]:
 
     out = {**serve_config, "applications": []}
     routed: list[str] = []
+    failover: list[str] = []
     for app in serve_config.get("applications") or []:
         own: list[str] = []
         if app.get("import_path") == APP_IMPORT_PATH and app.get("route_prefix", "/") == "/":
-            own = parse_app_config(app.get("args") or {}).own_app_models
+            parsed = parse_app_config(app.get("args") or {})
+            own = parsed.own_app_models
+            failover += parsed.failover_models
         if not own:
             out["applications"].append(app)
             continue
@@ -98,7 +131,7 @@ def split_apps(serve_config: dict) -> tuple[dict, list[str]]:
                 "import_path": MODEL_APP_IMPORT_PATH,
                 "args": {**app["args"], LAYOUT_ARG: {"model": model, "router_app": name}}})
         routed += own
-    return out, routed
+    return out, routed, failover
 
 
 def haproxy_dir(head) -> Path:
@@ -109,6 +142,6 @@ def haproxy_dir(head) -> Path:
 def publish(head, serve_config: dict) -> dict:
     """``split_apps`` for a deploy to ``head``, with the model map written first so
     the HAProxy that the deploy (re)starts routes by it; the config to deploy."""
-    split, models = split_apps(serve_config)
-    write_map(haproxy_dir(head), models)
+    split, models, failover = split_apps(serve_config)
+    write_map(haproxy_dir(head), models, failover)
     return split

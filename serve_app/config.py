@@ -76,10 +76,11 @@ class ModelConfig(_Strict):
         "the routed ingress (`auto` picks it for a model with autoscaling.min_replicas "
         "0; `direct` is refused for such a model)"))
     failover: bool = Field(default=False, description=(
-        "with several models on `ingress: direct` (or `auto`): keep this model on the "
-        "app's router, "
-        "whose streams continue on another replica when theirs dies mid-stream (one hop "
-        "more per token); other models get an application of their own"))
+        "a stream whose engine replica dies mid-stream continues on another replica "
+        "from the text already sent: on `ingress: direct` (or `auto`) through the head's "
+        "failover relay (the model gets an application of its own and HAProxy sends its "
+        "requests through the relay; needs the Ray auth token, the default), on "
+        "`routed` through the ingress"))
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
@@ -128,11 +129,11 @@ class AppConfig(_Strict):
     ingress: Literal["auto", "routed", "direct"] = Field(
         default="auto", description="routed: one ingress replica on the head routes to the "
         "engines and retries a failed stream on another replica; direct: the engine replicas "
-        "answer HTTP themselves (one hop less, no mid-stream failover; with several models "
-        "or workflows each always-on model gets an application of its own that HAProxy "
+        "answer HTTP themselves (one hop less; mid-stream failover only for models with "
+        "failover: true, through the head's relay; with several models, workflows or "
+        "failover each always-on model gets an application of its own that HAProxy "
         "routes to by the request's model, and the app itself serves the rest); auto: "
-        "direct while some model is always-on and does not ask for failover, routed "
-        "otherwise")
+        "direct while some model is always-on, routed otherwise")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppConfig":
@@ -226,26 +227,35 @@ class AppConfig(_Strict):
         what needs the router takes it: a model that may scale to zero (with no
         replica, only the head's ingress can answer ``/v1/models`` with the model's
         state and bound a cold request's wait by ``cold_start_timeout_s``; an
-        explicit ``direct`` is refused for it as the only model), a model with
-        ``failover: true``, workflows (they call several models); ``ingress:
-        routed`` puts every model on it.
+        explicit ``direct`` is refused for it as the only model) and workflows (they
+        call several models); a model with ``failover: true`` gets an application
+        of its own too, behind the failover relay; ``ingress: routed`` puts every
+        model on the router.
         """
         if self.ingress != "auto":
             return self.ingress
         return "direct" if self._splittable() else "routed"
 
     def _splittable(self) -> list[str]:
-        return [m.name for m in self.models if not _may_go_cold([m]) and not m.failover]
+        return [m.name for m in self.models if not _may_go_cold([m])]
 
     @property
     def own_app_models(self) -> list[str]:
         """The models served by an application of their own (``serve_app.layout``):
-        with ``direct`` and several models or workflows, every model that cannot
-        scale to zero (the router holds a cold model's requests, bounded) and does
-        not ask for ``failover`` (the router's mid-stream failover)."""
-        if self.ingress_mode != "direct" or (len(self.models) == 1 and not self.workflows):
+        with ``direct`` and several models, workflows or a model asking for
+        failover (the relay reaches it at its route), every model that cannot scale
+        to zero (the router holds a cold model's requests, bounded)."""
+        if self.ingress_mode != "direct" or (len(self.models) == 1 and not self.workflows
+                                              and not self.models[0].failover):
             return []
         return self._splittable()
+
+    @property
+    def failover_models(self) -> list[str]:
+        """The models of an application of their own whose requests HAProxy sends
+        through the failover relay (``cluster.failover_relay``)."""
+        failover = {m.name for m in self.models if m.failover}
+        return [m for m in self.own_app_models if m in failover]
 
     def load_api_keys(self) -> list[str]:
         keys = list(self.api_keys)

@@ -42,11 +42,13 @@ def usage_dict(usage: Usage) -> dict[str, int]:
 class ResponseFramer:
     """Frames one request's output as OpenAI chat or text completion objects."""
 
-    def __init__(self, kind: Kind, model: str):
+    def __init__(self, kind: Kind, model: str, id: str | None = None,
+                 created: int | None = None):
+        """``id``/``created``: a resumed stream's (``serve_app.continuation``)."""
         self.kind = kind
         self.model = model
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
+        self.id = id or ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time()) if created is None else created
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         head = orjson.dumps({"id": self.id, "object": obj, "created": self.created,
                              "model": model})[:-1]

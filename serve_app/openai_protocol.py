@@ -46,6 +46,17 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool | None = False
 
 
+class Continuation(BaseModel):
+    """A stream resumed on another replica (``serve_app.continuation``): set by the
+    failover relay, accepted only signed."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr
+    id: StrictStr
+    created: StrictInt
+    tokens: StrictInt = Field(ge=0)
+
+
 class HpcserveOptions(BaseModel):
     """hpcserve's own request options (the ``hpcserve`` field; OpenAI's clients send it
     with ``extra_body``)."""
@@ -54,6 +65,8 @@ class HpcserveOptions(BaseModel):
     trace_texts: StrictBool | None = Field(default=False, description=(
         "a workflow's trace (`hpcserve.trace` of the response) includes the text of "
         "every intermediate step"))
+    continuation: Continuation | None = Field(default=None, description=(
+        "set by hpcserve's failover relay only (signed); a client's is refused"))
 
 
 class ContentPart(TypedDict, total=False):

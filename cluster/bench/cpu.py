@@ -76,6 +76,7 @@ def component(cmd: str, in_engine_replica: bool, bare_side: bool) -> str:
     if ENGINE_REPLICA.search(cmd):
         return "hpcserve: engine replica (AsyncLLM, Serve)"
     for key, name in (("ServeReplica:hpcserve:Ingress", "hpcserve: ingress replica"),
+                      ("cluster.failover_relay", "hpcserve: failover relay"),
                       ("haproxy", "hpcserve: HAProxy"), ("ProxyActor", "hpcserve: Serve proxy actors"),
                       ("HAProxyManager", "hpcserve: Serve proxy actors"),
                       ("ServeController", "hpcserve: Serve controller")):
@@ -115,7 +116,10 @@ class CpuAccount:
     def ours(self, snap) -> dict[int, bool]:
         head = json.loads((self.home / "run" / "head.json").read_text())
         roots = {self.bare_pid: True, int(head["pid"]): False}
-        for f in self.home.rglob("*.pid"):
+        pid_files = list(self.home.rglob("*.pid"))
+        if head.get("private_dir"):  # the failover relay's, beside HAProxy's config
+            pid_files += Path(head["private_dir"]).rglob("relay.pid")
+        for f in pid_files:
             try:
                 roots[int(f.read_text().strip())] = False
             except (OSError, ValueError):

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 
 from starlette.responses import Response
 
+from serve_app import continuation
 from serve_app.api.engine_call import check_available, first_answer
 from serve_app.api.pipeline import ClosingStreamingResponse, RequestContext
 from serve_app.config import ModelConfig
@@ -96,6 +97,19 @@ def to_generate(kind: str, body, cfg: ModelConfig, request_id: str) -> GenerateR
     return GenerateRequest(prompt=body.prompt_text(), **common)
 
 
+def _resume(req: GenerateRequest, resumed, streamed: bool) -> GenerateRequest:
+    """The request continuing a stream another replica began (``serve_app.continuation``):
+    its text follows the prompt, and the tokens it counted come off the budget."""
+    if not streamed:
+        raise APIError(400, "hpcserve.continuation resumes a stream of a model, not a "
+                       "whole response or a workflow.", param="hpcserve.continuation",
+                       code="invalid_request")
+    budget = req.sampling.max_tokens
+    sampling = req.sampling.model_copy(update={
+        "max_tokens": None if budget is None else max(1, budget - resumed.tokens)})
+    return req.model_copy(update={"continuation": resumed.text, "sampling": sampling})
+
+
 def max_tokens_of(body) -> int | None:
     return getattr(body, "max_completion_tokens", None) or body.max_tokens
 
@@ -105,9 +119,14 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
     workflow = server.workflows.get(body.model)
     cfg = server.models[body.model if workflow is None else workflow.final_model()]
     req = to_generate(kind, body, cfg, ctx.request_id)
+    resumed = body.hpcserve.continuation if body.hpcserve is not None else None
     if workflow is not None and body.hpcserve is not None:
-        req.extras[EXTENSION] = body.hpcserve.model_dump()
-    framer = ResponseFramer(kind, body.model)
+        req.extras[EXTENSION] = body.hpcserve.model_dump(exclude={"continuation"})
+    if resumed is not None:
+        req = _resume(req, resumed, bool(body.stream and workflow is None))
+        framer = ResponseFramer(kind, body.model, resumed.id, resumed.created)
+    else:
+        framer = ResponseFramer(kind, body.model)
     # a workflow's steps wait for their own models (each its cold_start_timeout_s)
     wait_s = cfg.cold_start_timeout_s if workflow is None else None
     check_available(server, body.model)
@@ -121,7 +140,8 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and bool(options.continuous_usage_stats)  # as vLLM
         events = _sse(ctx, framer, first, stream, include_usage, continuous,
-                      bool(req.extras.get("logprobs")))
+                      bool(req.extras.get("logprobs")), resumed.tokens if resumed else None,
+                      continuation.RELAYED_HEADER in ctx.request.headers)
         return ClosingStreamingResponse(events, media_type="text/event-stream",
                                         headers={"Cache-Control": "no-cache"})
     text, finish, usage, entries, extension = await whole_answer(_prepend(first, stream))
@@ -149,18 +169,24 @@ async def whole_answer(stream: AsyncIterator[list[GenerateDelta]]
 
 async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[GenerateDelta],
                rest: AsyncIterator[list[GenerateDelta]], include_usage: bool,
-               continuous: bool, with_logprobs: bool):
+               continuous: bool, with_logprobs: bool, resumed_tokens: int | None = None,
+               relayed: bool = False):
     """The event stream; with ``continuous`` (vLLM's ``continuous_usage_stats``)
     every chunk carries the usage so far: the prompt's tokens (engines report them
     with their first delta) and the completion tokens sent until then.  When the
     stream ends, however it ends, the usage so far goes to ``ctx`` (a stream cut
-    short is still accounted) -- once, not per chunk."""
-    prompt, completion = _prompt_tokens(first), 0
-    ctx.usage = Usage(prompt, 0)
+    short is still accounted) -- once, not per chunk.  A resumed stream
+    (``resumed_tokens``: what the client already has) opens with no role chunk, and
+    its usage counts those tokens as completion, as the client saw them.  For the
+    failover relay (``relayed``) every text chunk is followed by the completion
+    tokens so far as an SSE comment, which the relay keeps and takes out."""
+    prompt, completion = _prompt_tokens(first), resumed_tokens or 0
+    ctx.usage = Usage(prompt, completion)
     finish, usage, offset, extension = "stop", None, 0, None
     try:
         async with aclosing(rest):  # the engine stream closes even if the client left
-            yield framer.first_chunk(Usage(prompt, 0) if continuous else None)  # during this
+            if resumed_tokens is None:  # (and during this)
+                yield framer.first_chunk(Usage(prompt, 0) if continuous else None)
             async for deltas in _prepend(first, rest):
                 text = "".join(d.text for d in deltas)
                 completion += sum(d.num_tokens for d in deltas)
@@ -169,14 +195,18 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
                 if with_logprobs:
                     entries = [e for d in deltas for e in d.extras.get("logprobs") or ()]
                     if text or entries:
-                        yield framer.chunk_with_logprobs(text, framer.logprobs(entries, offset),
-                                                         so_far)
+                        chunk = framer.chunk_with_logprobs(text, framer.logprobs(entries, offset),
+                                                           so_far)
+                        yield continuation.with_count(chunk, completion) if relayed else chunk
                     offset += len(text)
                 elif text:
-                    yield framer.text_chunk(text, so_far)
+                    chunk = framer.text_chunk(text, so_far)
+                    yield continuation.with_count(chunk, completion) if relayed else chunk
                 last = deltas[-1] if deltas else None
                 if last is not None and last.finish_reason:
                     finish, usage = last.finish_reason, last.usage or so_far
+                    if resumed_tokens is not None and usage is not None:
+                        usage = Usage(usage.prompt_tokens, completion)
                     extension = last.extras.get(EXTENSION)
     except Exception as exc:  # mid-stream: the status is already sent
         err = as_engine_error(exc)

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from serve_app import continuation
 from serve_app.errors import APIError
 from serve_app.protocol import Usage
 
@@ -64,13 +65,14 @@ class ReadBody:
     async def before(self, ctx: RequestContext) -> None:
         if ctx.endpoint.body is None:
             return
-        ctx.body = ctx.endpoint.body.model_validate(await self._json(ctx.request))
+        ctx.body = ctx.endpoint.body.model_validate(await self._json(ctx))
         ctx.model = getattr(ctx.body, "model", None)
 
     def after(self, ctx: RequestContext) -> None:
         pass
 
-    async def _json(self, request: Request) -> dict:
+    async def _json(self, ctx: RequestContext) -> dict:
+        request = ctx.request
         ctype = request.headers.get("content-type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise APIError(415, f"Content-Type must be application/json, got '{ctype}'.",
@@ -91,6 +93,13 @@ class ReadBody:
             raise APIError(400, f"Invalid JSON body: {err}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        options = data.get("hpcserve")
+        if isinstance(options, dict) and "continuation" in options:
+            if not continuation.verified(bytes(raw),
+                                         request.headers.get(continuation.SIGNATURE_HEADER)):
+                raise APIError(400, "hpcserve.continuation is set only by hpcserve's "
+                               "failover relay.", param="hpcserve.continuation",
+                               code="invalid_request")
         return data
 
 

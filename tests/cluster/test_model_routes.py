@@ -151,12 +151,13 @@ def test_split_apps_gives_each_always_on_model_an_app_and_keeps_the_router():
     cold = {"name": "c", "autoscaling": {"min_replicas": 0, "max_replicas": 1}}
     app = {"name": "hpcserve", "route_prefix": "/", "import_path": "serve_app.app:build_app",
            "runtime_env": {"env_vars": {"X": "1"}},
-           "args": {"ingress": "direct", "models": [{"name": "a"}, {"name": "org/b"}, cold]}}
+           "args": {"ingress": "direct", "models": [{"name": "a"}, {"name": "org/b", "failover": True},
+                                                    cold]}}
     other = {"name": "plain", "route_prefix": "/plain", "import_path": "serve_app.app:build_app",
              "args": {"models": [{"name": "a"}]}}
     serve = {"http_options": {"port": 1}, "applications": [app, other]}
-    split, routed = split_apps(serve)
-    assert routed == ["a", "org/b"]
+    split, routed, failover = split_apps(serve)
+    assert routed == ["a", "org/b"] and failover == ["org/b"]
     names = [(a["name"], a["route_prefix"], a["import_path"]) for a in split["applications"]]
     assert names == [("hpcserve", "/", "serve_app.app:build_app"),
                      ("hpcserve.m.a", "/_m/a", "serve_app.app:build_model_app"),
@@ -168,7 +169,7 @@ def test_split_apps_gives_each_always_on_model_an_app_and_keeps_the_router():
     assert by["hpcserve.m.a"]["args"][LAYOUT_ARG] == {"model": "a", "router_app": "hpcserve"}
     assert by["hpcserve.m.a"]["runtime_env"] == app["runtime_env"]
     assert LAYOUT_ARG not in by["plain"]["args"] and "_layout" not in app["args"]  # untouched
-    assert split_apps({"applications": [other]}) == ({"applications": [other]}, [])
+    assert split_apps({"applications": [other]}) == ({"applications": [other]}, [], [])
 
 
 def test_auto_off_the_root_keeps_the_router_where_direct_is_refused(tmp_path):
@@ -192,13 +193,13 @@ def test_auto_off_the_root_keeps_the_router_where_direct_is_refused(tmp_path):
                 load_config(tmp_path / "c.yaml")
             continue
         serve = load_config(tmp_path / "c.yaml").serve
-        split, routed = split_apps(serve)
-        assert (split, routed) == (serve, [])
+        split, routed, failover = split_apps(serve)
+        assert (split, routed, failover) == (serve, [], [])
         assert ingress_modes(serve["applications"]) == {serve["applications"][0]["name"]: "routed"}
     # at the root it splits; the running router's args (with the layout) still say direct
     raw = default_config(models=two)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    split, routed = split_apps(load_config(tmp_path / "c.yaml").serve)
+    split, routed, _ = split_apps(load_config(tmp_path / "c.yaml").serve)
     assert routed == ["a", "b"]
     router = split["applications"][0]
     assert LAYOUT_ARG in router["args"]

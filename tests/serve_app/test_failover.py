@@ -1,13 +1,15 @@
-"""The routed ingress's mid-stream failover, with a real engine replica killed.
+"""Mid-stream failover with a real engine replica killed: the failover relay's.
 
-The routed ingress (``ingress: routed``, or a model with ``failover: true`` on
-``direct``, as here) exists for this: when the engine
-replica a stream is on dies, the ingress asks another replica to continue from
-the text already sent, and the client sees one uninterrupted stream.  Two
-allocations, one engine replica on each; the replica generating the stream is
-found by the CPU its process tree burns and SIGKILLed mid-stream.  The other
-replica's CPU while the rest of the stream arrives proves the stream did move (a
-stream already generated in full before the kill would pass every other check).
+A model with ``failover: true`` on ``direct`` (the default) has an application of
+its own, and HAProxy sends its requests through the failover relay on the head
+(``cluster.failover_relay``): when the engine replica a stream is on dies, the
+relay asks another replica to continue from the text already sent, and the
+client sees one uninterrupted stream.  Two allocations, one engine replica on
+each; the replica generating the stream is found by the CPU its process tree
+burns and SIGKILLed mid-stream.  The other replica's CPU while the rest of the
+stream arrives proves the stream did move (a stream already generated in full
+before the kill would pass every other check).  The same with ``ingress: routed``,
+whose ingress replica fails over itself.
 """
 
 from __future__ import annotations
@@ -21,31 +23,46 @@ import pytest
 
 from serve_app.processes import session_members
 
-ENGINE_REPLICA = "ray::ServeReplica:hpcserve:engine-tiny"
 MAX_TOKENS = 1200  # ~2.5 s at the tiny model's c=1 speed: the kill lands mid-stream
 
 
-@pytest.fixture(scope="module")
-def stack(hpcserve_stack):
-    """Two models on ``ingress: direct``: ``tiny`` asks for failover and stays on the
-    router; ``other`` gets an application of its own (``test_model_apps.py``)."""
+@pytest.fixture(scope="module", params=["direct", "routed"])
+def stack(hpcserve_stack, request):
+    """Two models, ``tiny`` with failover.  ``direct``: each an application of its own,
+    HAProxy sends ``tiny`` through the relay; ``routed``: both behind the ingress."""
     s = hpcserve_stack(
-        name="failover", pool={"min_allocations": 2},
-        args={"ingress": "direct", "models": [
+        name=f"failover-{request.param}", pool={"min_allocations": 2},
+        args={"ingress": request.param, "models": [
             {"name": "tiny", "engine": "zmq", "max_model_len": 2048, "num_replicas": 2,
              "failover": True, "resources": {"hpc_slot": 0.5}},
             {"name": "other", "engine": "zmq", "max_model_len": 2048,
              "resources": {"hpc_slot": 0.5}}]})
+    s.ingress = request.param
+    s.replica_title = "ray::ServeReplica:" + (
+        "hpcserve.m.tiny" if request.param == "direct" else "hpcserve") + ":engine-tiny"
     yield s
     s.down()
 
 
-def test_the_failover_model_is_on_the_router_and_the_other_has_its_own_app(stack):
+def test_the_failover_model_takes_the_relay_or_the_ingress(stack):
     import json
     status = json.loads(stack.cli("status", "--json").stdout)
     apps = {name: set(a["deployments"]) for name, a in status["applications"].items()}
-    assert apps == {"hpcserve": {"Ingress", "engine-tiny"},
+    haproxy = (_haproxy_dir(stack) / "haproxy.cfg").read_text()
+    if stack.ingress == "routed":
+        assert apps == {"hpcserve": {"Ingress", "engine-tiny", "engine-other"}}
+        assert "hpcserve_failover_relay" not in haproxy
+        return
+    assert apps == {"hpcserve": {"Ingress"}, "hpcserve.m.tiny": {"engine-tiny"},
                     "hpcserve.m.other": {"engine-other"}}
+    assert "use_backend hpcserve_failover_relay" in haproxy
+    assert (_haproxy_dir(stack).parent / "hpcserve-failover.map").read_text() == "tiny 1\n"
+
+
+def _haproxy_dir(stack) -> Path:
+    """Where Serve's HAProxy runs: its config, and the relay's PID and log."""
+    (config,) = (Path(stack.head.private_dir) / "h").glob("*/haproxy.cfg")
+    return config.parent
 
 
 def _job_sessions(home: Path) -> set[int]:
@@ -53,7 +70,7 @@ def _job_sessions(home: Path) -> set[int]:
     return {int(f.read_text().strip()) for f in home.rglob("*.pid")}
 
 
-def _engine_replicas(home: Path, replica: str = ENGINE_REPLICA) -> list[int]:
+def _engine_replicas(home: Path, replica: str) -> list[int]:
     """PIDs of the replica processes of one engine deployment (``ray::ServeReplica:...``)."""
     found = []
     for pid in (p for sid in _job_sessions(home) for p in session_members(sid)):
@@ -90,7 +107,7 @@ def _busiest(pids: list[int], seconds: float = 0.5) -> tuple[int, dict[int, int]
 
 
 def test_stream_survives_its_engine_replica_being_killed(stack):
-    replicas = _engine_replicas(stack.home)
+    replicas = _engine_replicas(stack.home, stack.replica_title)
     assert len(replicas) == 2, f"expected one engine replica per allocation: {replicas}"
     stream = stack.client(timeout=300).chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "tell me a long story"}],
@@ -128,7 +145,10 @@ def test_stream_survives_its_engine_replica_being_killed(stack):
         model="tiny", messages=[{"role": "user", "content": "tell me a long story"}],
         max_tokens=1)
     assert usage.prompt_tokens == plain.usage.prompt_tokens, (usage, plain.usage)
-    assert victim not in _engine_replicas(stack.home)
+    assert victim not in _engine_replicas(stack.home, stack.replica_title)
+    if stack.ingress == "direct":  # and it was the relay that resumed it
+        log = (_haproxy_dir(stack) / "relay.log").read_text()
+        assert "resuming on another replica (1 of 2)" in log, log
 
 
 def test_service_keeps_serving_after_the_kill(stack):

@@ -1,0 +1,331 @@
+"""The failover relay: mid-stream failover for ``failover: true`` models, one process.
+
+A model with ``failover: true`` has an application of its own, like any other
+model on ``ingress: direct`` (its engine replicas answer HTTP).  HAProxy sends its
+requests here instead of to its replicas (``cluster.model_routes``); the relay
+sends each on to HAProxy at the model's route, so a replica answers as usual, and
+streams the answer back.  What it adds is memory: it keeps the events of each
+stream it passed on, and when the stream is cut (the replica's node died: the
+connection ends before the last chunk; or the replica's engine died: an
+``engine_unavailable`` error event), it sends the request again, with the text the
+client already has as a signed ``hpcserve.continuation`` (``serve_app.continuation``),
+to another replica, and passes that replica's events on as the rest of the same
+stream.  At most ``RETRIES`` times, as HAProxy retries a request whose replica died
+before answering.
+
+Why a process of its own and not the routed ingress: the routed ingress is a Serve
+replica and every chunk crosses a Ray handle stream (gRPC, a core worker) into it,
+4.1 ms of its CPU per request at load on the benchmark box, and its one replica
+saturates first.  This is a byte relay on uvloop: it parses HTTP with httptools,
+looks at a stream's events only to cut them at event boundaries and take out the
+token counts the replica adds for it, and parses JSON only when it resends.
+
+It listens on loopback only; HAProxy starts it (``cluster.haproxy_guard``) and the
+head's ``down`` stops it with the head's session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http
+import logging
+from dataclasses import dataclass, field
+
+import httptools
+import orjson
+
+from serve_app import continuation
+
+log = logging.getLogger("hpcserve.relay")
+
+RETRIES = 2
+_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
+        b"proxy-connection", b"te", b"trailer", b"upgrade"}
+_LOST = (b'data: {"error":{"message":"The engine replica serving this stream was lost and '
+         b'no other replica could continue it.","type":"server_error","param":null,'
+         b'"code":"engine_unavailable"}}\n\ndata: [DONE]\n\n')
+_ENGINE_LOST = b'"code":"engine_unavailable"'
+
+
+@dataclass
+class Message:
+    """One parsed HTTP message (a client's request or an upstream's response)."""
+
+    url: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    headers_done: bool = False
+    done: bool = False
+    status: int = 0
+    keep_alive: bool = True
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+class _Parsed:
+    """httptools callbacks filling ``Message`` objects, one per message on a connection."""
+
+    def __init__(self, response: bool):
+        self.messages: list[Message] = []
+        self.parser = (httptools.HttpResponseParser if response else httptools.HttpRequestParser)(self)
+
+    @property
+    def current(self) -> Message:
+        return self.messages[-1]
+
+    def on_message_begin(self) -> None:
+        self.messages.append(Message())
+
+    def on_url(self, url: bytes) -> None:
+        self.current.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.current.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        m = self.current
+        m.headers_done = True
+        m.keep_alive = self.parser.should_keep_alive()
+        if isinstance(self.parser, httptools.HttpResponseParser):
+            m.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.current.body += body
+
+    def on_message_complete(self) -> None:
+        self.current.done = True
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+def _response_head(m: Message, chunked: bool) -> bytes:
+    reason = http.HTTPStatus(m.status).phrase.encode() if m.status in http.HTTPStatus._value2member_map_ else b""
+    lines = [b"HTTP/1.1 %d %s" % (m.status, reason)]
+    lines += [k + b": " + v for k, v in m.headers if k.lower() not in _HOP]
+    lines.append(b"transfer-encoding: chunked" if chunked else b"content-length: %d" % len(m.body))
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def resume_body(request_body: bytes, events: list[bytes], tokens: int) -> bytes | None:
+    """The request again, with what the client has as ``hpcserve.continuation``; None
+    when the stream had already ended (``[DONE]`` passed on)."""
+    text, first = [], None
+    for block in events:
+        for line in block.split(b"\n"):
+            if not line.startswith(b"data: "):
+                continue
+            if line == b"data: [DONE]":
+                return None
+            event = orjson.loads(line[6:])
+            first = first or event
+            for choice in event.get("choices") or ():
+                text.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+    data = orjson.loads(request_body)
+    options = data.get("hpcserve") if isinstance(data.get("hpcserve"), dict) else {}
+    data["hpcserve"] = {**options, "continuation": {
+        "text": "".join(text), "id": first["id"] if first else "",
+        "created": first["created"] if first else 0, "tokens": tokens}}
+    return orjson.dumps(data)
+
+
+class Relay:
+    def __init__(self, upstream: tuple[str, int], key: bytes | None):
+        self.upstream = upstream
+        self.key = key
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parsed = _Parsed(response=False)
+        try:
+            while True:
+                while not (parsed.messages and parsed.messages[0].done):
+                    data = await reader.read(65536)
+                    if not data:
+                        return
+                    parsed.parser.feed_data(data)
+                request = parsed.messages.pop(0)
+                method = parsed.parser.get_method()
+                if not await self.relay(method, request, writer) or not request.keep_alive:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, httptools.HttpParserError):
+            pass
+        except Exception:
+            log.exception("relay: request failed")
+        finally:
+            writer.close()
+
+    def _request_bytes(self, method: bytes, request: Message, body: bytes,
+                       extra: list[tuple[bytes, bytes]]) -> bytes:
+        lines = [method + b" " + request.url + b" HTTP/1.1"]
+        lines += [k + b": " + v for k, v in request.headers if k.lower() not in _HOP]
+        lines += [k + b": " + v for k, v in extra]
+        lines.append(b"content-length: %d" % len(body))
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+    async def _connect(self):
+        if self.idle:
+            return self.idle.pop(), True
+        return await asyncio.open_connection(*self.upstream), False
+
+    async def _exchange(self, raw: bytes):
+        """Send ``raw`` upstream; (reader, writer, parsed) once a response's head is
+        in, or None if the connection ended first (a kept-alive one HAProxy closed is
+        tried once more on a new connection)."""
+        for _ in range(2):
+            (ur, uw), reused = await self._connect()
+            parsed = _Parsed(response=True)
+            try:
+                uw.write(raw)
+                while not (parsed.messages and parsed.messages[0].headers_done):
+                    data = await ur.read(65536)
+                    if not data:
+                        raise ConnectionResetError
+                    parsed.parser.feed_data(data)
+                return ur, uw, parsed
+            except (ConnectionError, httptools.HttpParserError):
+                uw.close()
+                if not reused:
+                    return None
+        return None
+
+    async def relay(self, method: bytes, request: Message, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; False when the client connection is to be closed."""
+        body = bytes(request.body)
+        got = await self._exchange(self._request_bytes(
+            method, request, body, [(continuation.RELAYED_HEADER.encode(), b"1")]))
+        if got is None:
+            writer.write(_LOST_RESPONSE)
+            return False
+        ur, uw, parsed = got
+        response = parsed.messages[0]
+        stream = response.status == 200 and (response.header(b"content-type") or b"").startswith(
+            b"text/event-stream")
+        if not stream:
+            return await self._pass_whole(ur, uw, parsed, writer)
+        writer.write(_response_head(response, True))
+        events: list[bytes] = []
+        tokens, attempt = 0, 0
+        while True:
+            complete, tokens = await self._pass_events(ur, uw, parsed, writer, events, tokens)
+            if complete:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                return True
+            resumed = resume_body(body, events, tokens) if self.key and attempt < RETRIES else None
+            if resumed is None:
+                writer.write(_chunk(_LOST if not any(b"[DONE]" in e for e in events)
+                                    else b"") + b"0\r\n\r\n")
+                await writer.drain()
+                return False
+            attempt += 1
+            log.warning("relay: stream %s cut after %d tokens; resuming on another replica "
+                        "(%d of %d)", request.url.decode(errors="replace"), tokens, attempt, RETRIES)
+            got = await self._exchange(self._request_bytes(method, request, resumed, [
+                (continuation.RELAYED_HEADER.encode(), b"1"),
+                (continuation.SIGNATURE_HEADER.encode(),
+                 continuation.sign(self.key, resumed).encode())]))
+            if got is None or got[2].messages[0].status != 200:
+                if got is not None:
+                    got[1].close()
+                writer.write(_chunk(_LOST) + b"0\r\n\r\n")
+                await writer.drain()
+                return False
+            ur, uw, parsed = got
+
+    async def _pass_whole(self, ur, uw, parsed: _Parsed, writer) -> bool:
+        """A response that is not a stream: passed on once whole (HAProxy already
+        retried it if its replica died before answering)."""
+        response = parsed.messages[0]
+        while not response.done:
+            data = await ur.read(65536)
+            if not data:
+                uw.close()
+                writer.write(_LOST_RESPONSE)
+                return False
+            parsed.parser.feed_data(data)
+        self._release(ur, uw, response)
+        writer.write(_response_head(response, False) + bytes(response.body))
+        await writer.drain()
+        return True
+
+    async def _pass_events(self, ur, uw, parsed: _Parsed, writer, events: list[bytes],
+                           tokens: int) -> tuple[bool, int]:
+        """Pass a stream's whole events on until it ends; (whether it ended well, the
+        completion tokens the client has)."""
+        response = parsed.messages[0]
+        pending = response.body
+        while True:
+            cut = pending.rfind(b"\n\n") + 2
+            if cut >= 2:
+                block, count = continuation.without_counts(bytes(pending[:cut]))
+                del pending[:cut]
+                if count is not None:
+                    tokens = count
+                error = block.find(b'data: {"error"')
+                engine_lost = error >= 0 and _ENGINE_LOST in block[error:]
+                if engine_lost:  # the engine died under a live replica: resume too
+                    block = block[:error]
+                if block:
+                    events.append(block)
+                    writer.write(_chunk(block))
+                    await writer.drain()
+                if engine_lost:
+                    uw.close()
+                    return False, tokens
+            if response.done:
+                self._release(ur, uw, response)
+                return True, tokens
+            try:
+                data = await ur.read(65536)
+            except ConnectionError:
+                data = b""
+            if not data:
+                uw.close()
+                return False, tokens
+            try:
+                parsed.parser.feed_data(data)
+            except httptools.HttpParserError:
+                uw.close()
+                return False, tokens
+
+    def _release(self, ur, uw, response: Message) -> None:
+        if response.keep_alive and len(self.idle) < 256:
+            self.idle.append((ur, uw))
+        else:
+            uw.close()
+
+
+_LOST_JSON = _LOST.split(b"\n\n")[0][6:]
+_LOST_RESPONSE = _response_head(Message(status=503, headers=[
+    (b"content-type", b"application/json"), (b"retry-after", b"1"), (b"connection", b"close")],
+    body=bytearray(_LOST_JSON)), False) + _LOST_JSON
+
+
+async def serve(port: int, upstream: tuple[str, int], ready: asyncio.Event | None = None) -> None:
+    relay = Relay(upstream, continuation.relay_key())
+    server = await asyncio.start_server(relay.serve_client, "127.0.0.1", port, backlog=4096)
+    if relay.key is None:
+        log.warning("relay: no Ray auth token; cut streams end with an error event")
+    if ready is not None:
+        ready.set()
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvloop
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--upstream", required=True, help="HOST:PORT of HAProxy's frontend")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    host, _, port = args.upstream.rpartition(":")
+    uvloop.run(serve(args.port, (host.strip("[]"), int(port))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The failover relay between a real HAProxy (the guard's rules) and replicas that die.
+
+HAProxy is configured as the guard configures Serve's (``rewrite`` with a failover
+map), the relay runs as its own process, as on a head.  The replicas are a small
+HTTP server in this test that answers as an engine replica does for the relay:
+SSE chunks, each followed by its token count; the first stream of each request is
+cut mid-stream (the connection dropped, as when a node dies, or an
+``engine_unavailable`` error event, as when the engine dies under a live replica).
+A real engine replica behind the relay, killed mid-stream, is
+``tests/serve_app/test_failover.py``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import httptools
+import httpx
+import orjson
+import pytest
+
+from cluster.haproxy_guard import frontend_address, rewrite, write_error_pages, write_shed_files
+from cluster.model_routes import write_map
+from cluster.ports import free_ports
+from serve_app import continuation
+from tests.cluster.rotation_support import wait_until
+from tests.haproxy_support import HTTP_DEFAULTS, check_config, start
+
+TOKEN = "relay-test-token"
+SERVE_LIKE = """global
+    stats socket {d}/admin.sock mode 666 level admin
+    tune.bufsize 16384
+""" + HTTP_DEFAULTS + """    retry-on conn-failure empty-response
+    errorfile 502 /x/502.http
+    errorfile 503 /x/503.http
+    errorfile 504 /x/504.http
+frontend prometheus
+    bind :{p1}
+    http-request use-service prometheus-exporter
+listen stats
+    bind *:{p2}
+    stats enable
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    acl is_tiny path_beg /_m/tiny/
+    use_backend tiny if is_tiny
+    use_backend router if {{ path_beg / }}
+backend tiny
+    server r1 127.0.0.1:{replica}
+backend router
+    http-request return status 200 content-type text/plain lf-string "router %[path]"
+"""
+
+
+class Replicas:
+    """An engine replica's HTTP side, scripted: what it was asked, and how to die."""
+
+    def __init__(self):
+        self.requests: list[tuple[bytes, dict, dict]] = []  # (path, headers, body)
+        self.cut = "connection"  # or "error_event", or None: streams run to the end
+
+    async def handle(self, reader, writer):
+        try:
+            await self._answer(reader, writer)
+        finally:
+            writer.close()  # one request per connection
+
+    async def _answer(self, reader, writer):
+        msg = {"headers": {}, "body": b"", "done": False}
+
+        class P:
+            def on_url(self, url): msg["url"] = url
+            def on_header(self, k, v): msg["headers"][k.decode().lower()] = v.decode()
+            def on_body(self, b): msg["body"] += b
+            def on_message_complete(self): msg["done"] = True
+        parser = httptools.HttpRequestParser(P())
+        while not msg["done"]:
+            data = await reader.read(65536)
+            if not data:
+                return
+            parser.feed_data(data)
+        body = orjson.loads(msg["body"])
+        self.requests.append((msg["url"], msg["headers"], body))
+        resumed = (body.get("hpcserve") or {}).get("continuation")
+        if resumed is not None and not continuation.verified(
+                msg["body"], msg["headers"].get(continuation.SIGNATURE_HEADER)):
+            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+            return
+        if not body.get("stream"):
+            out = orjson.dumps({"id": "cmpl-1", "choices": [{"text": "whole"}]})
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(out), out))
+            await writer.drain()
+            return
+        relayed = continuation.RELAYED_HEADER in msg["headers"]
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        ident, created = (resumed["id"], resumed["created"]) if resumed else ("cmpl-7", 7)
+        tokens = resumed["tokens"] if resumed else 0
+        words = [f"w{i} " for i in range(tokens, body["max_tokens"])]
+        for i, word in enumerate(words):
+            if resumed is None and self.cut and i == 3:
+                if self.cut == "error_event":
+                    err = b'data: {"error":{"message":"x","type":"server_error","param":null,' \
+                          b'"code":"engine_unavailable"}}\n\ndata: [DONE]\n\n'
+                    writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(err), err))
+                    await writer.drain()
+                else:
+                    writer.transport.abort()  # the node is gone: no last chunk
+                return
+            tokens += 1
+            event = b"data: " + orjson.dumps({"id": ident, "created": created,
+                                              "choices": [{"text": word}]}) + b"\n\n"
+            if relayed:
+                event = continuation.with_count(event, tokens)
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+        done = b"data: [DONE]\n\n"
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+        await writer.drain()
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    d = tmp_path_factory.mktemp("relay")
+    os.environ["RAY_AUTH_TOKEN"] = TOKEN  # the replicas' side, as on a node of the cluster
+    continuation.relay_key.cache_clear()
+    replicas = Replicas()
+    loop = asyncio.new_event_loop()
+    replica_port, port, relay_port, p1, p2 = free_ports(5)
+
+    async def serve():
+        return await asyncio.start_server(replicas.handle, "127.0.0.1", replica_port)
+    server = loop.run_until_complete(serve())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    write_error_pages(d)
+    write_shed_files(d)
+    write_map(d, ["tiny", "plain"], failover=["tiny"])
+    config = rewrite(SERVE_LIKE.format(d=d, p1=p1, p2=p2, port=port, replica=replica_port),
+                     http_host="127.0.0.1", serve_bind_host="127.0.0.1", error_dir=d,
+                     shed_dir=d, relay_port=relay_port)
+    (d / "haproxy.cfg").write_text(config)
+    check_config(d / "haproxy.cfg")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.failover_relay", "--port", str(relay_port),
+         "--upstream", frontend_address(config, "127.0.0.1")],
+        env={**os.environ, "RAY_AUTH_TOKEN": TOKEN}, stdout=subprocess.DEVNULL,
+        stderr=open(d / "relay.log", "wb"))
+    haproxy = start(d / "haproxy.cfg", port)
+    wait_until(lambda: _listening(relay_port), 30, "relay listening", poll_s=0.05)
+    yield f"http://127.0.0.1:{port}", replicas, config
+    haproxy.terminate()
+    proc.terminate()
+    haproxy.wait(10)
+    proc.wait(10)
+    loop.call_soon_threadsafe(server.close)
+    loop.call_soon_threadsafe(loop.stop)
+    del os.environ["RAY_AUTH_TOKEN"]
+    continuation.relay_key.cache_clear()
+
+
+def _listening(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+    except httpx.TransportError:
+        return False
+    return True
+
+
+def _stream(url: str, model: str = "tiny", max_tokens: int = 10) -> tuple[list[dict], bytes]:
+    with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
+            "model": model, "prompt": "p", "max_tokens": max_tokens, "stream": True}) as r:
+        assert r.status_code == 200
+        raw = b"".join(r.iter_bytes())
+    events = [json.loads(line[6:]) for line in raw.split(b"\n")
+              if line.startswith(b"data: {")]
+    return events, raw
+
+
+def test_the_guard_sends_failover_models_through_the_relay_only(relay):
+    _, _, config = relay
+    frontend = config[config.index("frontend http_frontend"):config.index("\nbackend tiny")]
+    lines = frontend.splitlines()
+    relay_rule = next(i for i, line in enumerate(lines) if "use_backend hpcserve_failover_relay" in line)
+    assert relay_rule < next(i for i, line in enumerate(lines) if "use_backend tiny" in line)
+    assert "backend hpcserve_failover_relay\n    server relay 127.0.0.1:" in config
+
+
+@pytest.mark.parametrize("cut", ["connection", "error_event"])
+def test_a_cut_stream_continues_on_another_replica_as_one_stream(relay, cut):
+    url, replicas, _ = relay
+    replicas.cut, replicas.requests[:] = cut, []
+    events, raw = _stream(url)
+    # one stream: every word once, in order, one id, no count comments, one [DONE]
+    assert "".join(e["choices"][0]["text"] for e in events) == "".join(
+        f"w{i} " for i in range(10))
+    assert {e["id"] for e in events} == {"cmpl-7"}
+    assert b"\n:" not in raw and not raw.startswith(b":")
+    assert raw.count(b"data: [DONE]") == 1 and b'"error"' not in raw
+    (path1, head1, body1), (path2, head2, body2) = replicas.requests
+    assert path1 == path2 == b"/_m/tiny/v1/completions"  # the relay came back under /_m/
+    assert continuation.SIGNATURE_HEADER not in head1
+    assert body2["hpcserve"]["continuation"] == {
+        "text": "w0 w1 w2 ", "id": "cmpl-7", "created": 7, "tokens": 3}
+    assert {k: v for k, v in body2.items() if k != "hpcserve"} == body1
+
+
+def test_a_stream_with_no_cut_and_other_models_pass_as_they_are(relay):
+    url, replicas, _ = relay
+    replicas.cut, replicas.requests[:] = None, []
+    events, raw = _stream(url, max_tokens=5)
+    assert [e["choices"][0]["text"] for e in events] == [f"w{i} " for i in range(5)]
+    whole = httpx.post(url + "/v1/completions", timeout=30,
+                       json={"model": "tiny", "prompt": "p", "max_tokens": 5}).json()
+    assert whole["choices"][0]["text"] == "whole"
+    assert len(replicas.requests) == 2
+    # a model without failover is not relayed: its route is set, the relay never sees it
+    plain = httpx.post(url + "/v1/completions", timeout=30,
+                       json={"model": "plain", "prompt": "p"}).text
+    assert plain == "router /_m/plain/v1/completions" and len(replicas.requests) == 2
+
+
+def test_a_client_cannot_send_a_continuation(relay):
+    url, replicas, _ = relay
+    replicas.cut, replicas.requests[:] = None, []
+    forged = {"model": "tiny", "prompt": "p", "max_tokens": 5, "stream": True,
+              "hpcserve": {"continuation": {"text": "x", "id": "a", "created": 1, "tokens": 1}}}
+    r = httpx.post(url + "/v1/completions", json=forged, timeout=30,
+                   headers={continuation.SIGNATURE_HEADER: "0" * 64})
+    assert r.status_code == 400

@@ -41,7 +41,7 @@ log = logging.getLogger("hpcserve.relay")
 
 RETRIES = 2
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
-        b"proxy-connection", b"te", b"trailer", b"upgrade"}
+        b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect"}
 _LOST = (b'data: {"error":{"message":"The engine replica serving this stream was lost and '
          b'no other replica could continue it.","type":"server_error","param":null,'
          b'"code":"engine_unavailable"}}\n\ndata: [DONE]\n\n')
@@ -132,6 +132,25 @@ def resume_body(request_body: bytes, events: list[bytes], tokens: int) -> bytes 
     return orjson.dumps(data)
 
 
+@dataclass
+class Upstream:
+    """One exchange with HAProxy: its connection and the response being parsed.
+    ``pooled`` once the connection went back to the pool (it is closed otherwise)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    parsed: _Parsed
+    pooled: bool = False
+
+    @property
+    def response(self) -> Message:
+        return self.parsed.messages[0]
+
+    def close(self) -> None:
+        if not self.pooled:
+            self.writer.close()
+
+
 class Relay:
     def __init__(self, upstream: tuple[str, int], key: bytes | None):
         self.upstream = upstream
@@ -166,98 +185,101 @@ class Relay:
         lines.append(b"content-length: %d" % len(body))
         return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
-    async def _connect(self):
-        if self.idle:
-            return self.idle.pop(), True
-        return await asyncio.open_connection(*self.upstream), False
-
-    async def _exchange(self, raw: bytes):
-        """Send ``raw`` upstream; (reader, writer, parsed) once a response's head is
-        in, or None if the connection ended first (a kept-alive one HAProxy closed is
-        tried once more on a new connection)."""
-        for _ in range(2):
-            (ur, uw), reused = await self._connect()
-            parsed = _Parsed(response=True)
+    async def _exchange(self, raw: bytes) -> Upstream | None:
+        """Send ``raw`` upstream; the exchange once a response's head is in, or None
+        if the connection ended first (a kept-alive one that HAProxy closed meanwhile
+        is tried once more, on a new connection)."""
+        while True:
+            reused = bool(self.idle)
+            ur, uw = self.idle.pop() if reused else await asyncio.open_connection(*self.upstream)
+            up = Upstream(ur, uw, _Parsed(response=True))
             try:
                 uw.write(raw)
-                while not (parsed.messages and parsed.messages[0].headers_done):
+                while not (up.parsed.messages and up.response.headers_done):
                     data = await ur.read(65536)
                     if not data:
                         raise ConnectionResetError
-                    parsed.parser.feed_data(data)
-                return ur, uw, parsed
+                    up.parsed.parser.feed_data(data)
+                return up
             except (ConnectionError, httptools.HttpParserError):
                 uw.close()
                 if not reused:
                     return None
-        return None
+
+    def _release(self, up: Upstream) -> None:
+        if up.response.keep_alive and len(self.idle) < 256:
+            self.idle.append((up.reader, up.writer))
+            up.pooled = True
+        else:
+            up.writer.close()
 
     async def relay(self, method: bytes, request: Message, writer: asyncio.StreamWriter) -> bool:
-        """Answer one request; False when the client connection is to be closed."""
+        """Answer one request; False when the client connection is to be closed.  An
+        upstream connection left unfinished (the client went away) is closed, so
+        its replica stops generating."""
         body = bytes(request.body)
-        got = await self._exchange(self._request_bytes(
+        up = await self._exchange(self._request_bytes(
             method, request, body, [(continuation.RELAYED_HEADER.encode(), b"1")]))
-        if got is None:
+        if up is None:
             writer.write(_LOST_RESPONSE)
             return False
-        ur, uw, parsed = got
-        response = parsed.messages[0]
-        stream = response.status == 200 and (response.header(b"content-type") or b"").startswith(
-            b"text/event-stream")
-        if not stream:
-            return await self._pass_whole(ur, uw, parsed, writer)
-        writer.write(_response_head(response, True))
-        events: list[bytes] = []
-        tokens, attempt = 0, 0
-        while True:
-            complete, tokens = await self._pass_events(ur, uw, parsed, writer, events, tokens)
-            if complete:
-                writer.write(b"0\r\n\r\n")
-                await writer.drain()
-                return True
-            resumed = resume_body(body, events, tokens) if self.key and attempt < RETRIES else None
-            if resumed is None:
-                writer.write(_chunk(_LOST if not any(b"[DONE]" in e for e in events)
-                                    else b"") + b"0\r\n\r\n")
-                await writer.drain()
-                return False
-            attempt += 1
-            log.warning("relay: stream %s cut after %d tokens; resuming on another replica "
-                        "(%d of %d)", request.url.decode(errors="replace"), tokens, attempt, RETRIES)
-            got = await self._exchange(self._request_bytes(method, request, resumed, [
-                (continuation.RELAYED_HEADER.encode(), b"1"),
-                (continuation.SIGNATURE_HEADER.encode(),
-                 continuation.sign(self.key, resumed).encode())]))
-            if got is None or got[2].messages[0].status != 200:
-                if got is not None:
-                    got[1].close()
-                writer.write(_chunk(_LOST) + b"0\r\n\r\n")
-                await writer.drain()
-                return False
-            ur, uw, parsed = got
+        try:
+            stream = up.response.status == 200 and (
+                up.response.header(b"content-type") or b"").startswith(b"text/event-stream")
+            if not stream:
+                return await self._pass_whole(up, writer)
+            writer.write(_response_head(up.response, True))
+            events: list[bytes] = []
+            tokens, attempt = 0, 0
+            while True:
+                complete, tokens = await self._pass_events(up, writer, events, tokens)
+                if complete:
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
+                    return True
+                up.close()
+                resumed = resume_body(body, events, tokens) if self.key and attempt < RETRIES \
+                    else None
+                if resumed is None:
+                    ended = any(b"data: [DONE]" in e for e in events)
+                    writer.write((b"" if ended else _chunk(_LOST)) + b"0\r\n\r\n")
+                    await writer.drain()
+                    return False
+                attempt += 1
+                log.warning("relay: stream %s cut after %d tokens; resuming on another "
+                            "replica (%d of %d)", request.url.decode(errors="replace"), tokens,
+                            attempt, RETRIES)
+                up = await self._exchange(self._request_bytes(method, request, resumed, [
+                    (continuation.RELAYED_HEADER.encode(), b"1"),
+                    (continuation.SIGNATURE_HEADER.encode(),
+                     continuation.sign(self.key, resumed).encode())]))
+                if up is None or up.response.status != 200:
+                    writer.write(_chunk(_LOST) + b"0\r\n\r\n")
+                    await writer.drain()
+                    return False
+        finally:
+            if up is not None:
+                up.close()
 
-    async def _pass_whole(self, ur, uw, parsed: _Parsed, writer) -> bool:
+    async def _pass_whole(self, up: Upstream, writer) -> bool:
         """A response that is not a stream: passed on once whole (HAProxy already
         retried it if its replica died before answering)."""
-        response = parsed.messages[0]
-        while not response.done:
-            data = await ur.read(65536)
+        while not up.response.done:
+            data = await up.reader.read(65536)
             if not data:
-                uw.close()
                 writer.write(_LOST_RESPONSE)
                 return False
-            parsed.parser.feed_data(data)
-        self._release(ur, uw, response)
-        writer.write(_response_head(response, False) + bytes(response.body))
+            up.parsed.parser.feed_data(data)
+        self._release(up)
+        writer.write(_response_head(up.response, False) + bytes(up.response.body))
         await writer.drain()
         return True
 
-    async def _pass_events(self, ur, uw, parsed: _Parsed, writer, events: list[bytes],
+    async def _pass_events(self, up: Upstream, writer, events: list[bytes],
                            tokens: int) -> tuple[bool, int]:
         """Pass a stream's whole events on until it ends; (whether it ended well, the
         completion tokens the client has)."""
-        response = parsed.messages[0]
-        pending = response.body
+        pending = up.response.body
         while True:
             cut = pending.rfind(b"\n\n") + 2
             if cut >= 2:
@@ -274,34 +296,23 @@ class Relay:
                     writer.write(_chunk(block))
                     await writer.drain()
                 if engine_lost:
-                    uw.close()
                     return False, tokens
-            if response.done:
-                self._release(ur, uw, response)
+            if up.response.done:
+                self._release(up)
                 return True, tokens
             try:
-                data = await ur.read(65536)
-            except ConnectionError:
+                data = await up.reader.read(65536)
+                if data:
+                    up.parsed.parser.feed_data(data)
+            except (ConnectionError, httptools.HttpParserError):
                 data = b""
             if not data:
-                uw.close()
                 return False, tokens
-            try:
-                parsed.parser.feed_data(data)
-            except httptools.HttpParserError:
-                uw.close()
-                return False, tokens
-
-    def _release(self, ur, uw, response: Message) -> None:
-        if response.keep_alive and len(self.idle) < 256:
-            self.idle.append((ur, uw))
-        else:
-            uw.close()
 
 
 _LOST_JSON = _LOST.split(b"\n\n")[0][6:]
 _LOST_RESPONSE = _response_head(Message(status=503, headers=[
-    (b"content-type", b"application/json"), (b"retry-after", b"1"), (b"connection", b"close")],
+    (b"content-type", b"application/json"), (b"retry-after", b"1")],
     body=bytearray(_LOST_JSON)), False) + _LOST_JSON
 
 

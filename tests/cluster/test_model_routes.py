@@ -11,7 +11,7 @@ import pytest
 
 from cluster.model_routes import frontend_rules, route_prefix, write_map
 from cluster.ports import free_ports
-from tests.haproxy_support import HTTP_DEFAULTS, check_config, start
+from tests.haproxy_support import HTTP_DEFAULTS, SERVE_HEAD, check_config, start
 
 MODELS = ["tiny", "org/Model-7B"]
 
@@ -102,18 +102,7 @@ def test_the_map_is_rewritten_only_when_it_changes(tmp_path: Path):
     assert path.stat().st_mtime_ns == mtime
 
 
-SERVE_LIKE = """global
-    stats socket {d}/admin.sock mode 666 level admin
-""" + HTTP_DEFAULTS + """    errorfile 502 /x/502.http
-    errorfile 503 /x/503.http
-    errorfile 504 /x/504.http
-frontend prometheus
-    bind :{p1}
-    http-request use-service prometheus-exporter
-listen stats
-    bind *:{p2}
-    stats enable
-frontend http_frontend
+SERVE_LIKE = SERVE_HEAD + """frontend http_frontend
     bind 0.0.0.0:{p3}
     use_backend router if {{ path_beg / }}
 backend router

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -25,7 +27,7 @@ def test_each_side_is_charged_what_its_processes_burned(tmp_path):
         head = subprocess.Popen([sys.executable, "-c", (
             "import subprocess, sys\n"
             f"subprocess.run([sys.executable, '-c', {SPIN!r}])\n")],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, text=True, start_new_session=True)  # its child too, below
         job = subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True)
         bare = subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True)
         started += [head, job, bare]
@@ -38,6 +40,8 @@ def test_each_side_is_charged_what_its_processes_burned(tmp_path):
         cpu.stop()
     finally:
         for p in started:
+            if p is head:
+                os.killpg(head.pid, signal.SIGKILL)
             p.kill()
             p.wait()
     bare_s = sum(v for k, v in cpu.used.items() if k.startswith("bare:"))
@@ -53,6 +57,8 @@ def test_processes_are_named_by_their_role():
     assert component("python -m vllm.entrypoints.openai.api_server", False, True) == \
         "bare: api_server (HTTP, detokenize)"
     assert component("VLLM::EngineCore", True, False) == "hpcserve: vLLM EngineCore + worker"
+    assert component("/x/python -m cluster.failover_relay --port 1 --upstream h:2", False,
+                     False) == "hpcserve: failover relay"
     for title in ("ray::ServeReplica:hpcserve:engine-tiny",        # routed, or direct
                   "ray::ServeReplica:hpcserve.m.tiny:engine-tiny"):  # a model's own app
         assert component(title, False, False) == "hpcserve: engine replica (AsyncLLM, Serve)"

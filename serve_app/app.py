@@ -9,13 +9,13 @@ for ``hpc_slot`` (or what the model config says), which only workers advertise.
 ``ingress: direct``: the one model's engine replica is the app's ingress
 (``serve_app.engine_ingress``); HAProxy on the head sends requests straight to it.
 
-``ingress: direct`` with several models or workflows: ``hpcserve up``/``deploy``
-split the app (``serve_app.layout``): ``build_model_app`` builds each always-on
-model's own application, ``build_app`` the router, which reaches those engines by
-name.
+``ingress: direct`` with several models, workflows or a model with ``failover:
+true``: ``hpcserve up``/``deploy`` split the app (``serve_app.layout``):
+``build_model_app`` builds each always-on model's own application, ``build_app``
+the router, which reaches those engines by name.
 
-``ingress: auto`` (default) is ``direct`` while some model is always-on without
-``failover: true``, ``routed`` otherwise (``AppConfig.ingress_mode``).
+``ingress: auto`` (default) is ``direct`` while some model is always-on,
+``routed`` otherwise (``AppConfig.ingress_mode``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def build_app(args: dict[str, Any]) -> Application:
         ledger = Ledger.options(ray_actor_options=on_head).bind(config.access.model_dump())
     model_apps: dict[str, str] = layout.get("model_apps") or {}
     batch = batch_service(config, ledger, on_head, model_apps)  # None unless batch.enabled
-    if config.ingress_mode == "direct" and not config.workflows and len(config.models) == 1:
+    if config.ingress_mode == "direct" and len(config.models) == 1 and not config.workflows \
+            and not config.own_app_models:  # (a failover model has an app of its own)
         (model,) = config.models
         deployment = engine_ingress(**model.deployment_options())
         return deployment.bind(config.model_dump(), ledger, batch)

@@ -47,6 +47,19 @@ def test_a_split_app_routes_to_engines_in_apps_of_their_own_and_keeps_a_cold_one
                                   "b": ("engine-b", "hpcserve.m.b")}
 
 
+def test_one_failover_model_split_off_leaves_the_router_without_an_engine():
+    """Its requests reach its own app through the relay; the router keeps the rest
+    (``/v1/models``) and holds no second engine for it."""
+    from serve_app.layout import LAYOUT_ARG
+    args = {"models": [{"name": "a", "failover": True}],
+            LAYOUT_ARG: {"model_apps": {"a": "hpcserve.m.a"}}}
+    bound = build_app(args)._bound_deployment
+    assert bound.name == "Ingress" and bound.init_args[1] == {}
+    assert bound.init_args[4] == {"a": ("engine-a", "hpcserve.m.a")}
+    # not split (no `hpcserve up`): the router serves it, with its own failover
+    assert _deployments({"models": [{"name": "a", "failover": True}]}) == ("Ingress", ["engine-a"])
+
+
 def test_a_models_own_app_is_its_engine_replica_answering_http():
     from serve_app.app import build_model_app
     from serve_app.config import AppConfig
@@ -63,10 +76,14 @@ def test_a_models_own_app_is_its_engine_replica_answering_http():
 
 @pytest.mark.parametrize("models, ingress, mode, own", [
     ([{"name": "a"}], "auto", "direct", []),                       # one model: no router at all
-    ([{"name": "a", "failover": True}], "auto", "routed", []),
+    # failover: an app of its own, even alone, behind the failover relay
+    ([{"name": "a", "failover": True}], "auto", "direct", ["a"]),
     ([{"name": "a"}, {"name": "b"}], "auto", "direct", ["a", "b"]),
-    ([{"name": "a"}, {"name": "b", "failover": True}], "auto", "direct", ["a"]),
-    ([{"name": "a", "failover": True}, {"name": "b", "failover": True}], "auto", "routed", []),
+    ([{"name": "a"}, {"name": "b", "failover": True}], "auto", "direct", ["a", "b"]),
+    ([{"name": "a", "failover": True}, {"name": "b", "failover": True}], "auto", "direct",
+     ["a", "b"]),
+    ([{"name": "a", "failover": True}, {"name": "c", "autoscaling": {"min_replicas": 0}}],
+     "auto", "direct", ["a"]),
     ([{"name": "a"}, {"name": "c", "autoscaling": {"min_replicas": 0}}], "auto", "direct", ["a"]),
     ([{"name": "c", "autoscaling": {"min_replicas": 0}}], "auto", "routed", []),
     ([{"name": "a"}, {"name": "b"}], "routed", "routed", []),
@@ -74,3 +91,5 @@ def test_a_models_own_app_is_its_engine_replica_answering_http():
 def test_auto_gives_every_model_that_can_have_it_an_app_of_its_own(models, ingress, mode, own):
     config = parse_app_config({"models": models, "ingress": ingress})
     assert (config.ingress_mode, config.own_app_models) == (mode, own)
+    assert config.failover_models == [m["name"] for m in models
+                                      if m.get("failover") and m["name"] in own]

@@ -252,7 +252,12 @@ def test_deploy_of_the_same_config_keeps_serving_and_notes_nothing(stack):
                        else ["app 'hpcserve': ingress routed -> direct (mid-stream failover"
                              " on replica crashes is off but for models with failover: true)"])
     args["models"] = [{**m, "failover": True} for m in args["models"]]
-    changes = ingress_mode_changes(running, auto)                 # every model fails over: routed
+    changes = ingress_mode_changes(running, auto)                 # failover: the relay, direct
+    assert changes == ([] if stack.ingress_mode == "direct"
+                       else ["app 'hpcserve': ingress routed -> direct (mid-stream failover"
+                             " on replica crashes is off but for models with failover: true)"])
+    args["models"] = [{**m, "autoscaling": {"min_replicas": 0}} for m in args["models"]]
+    changes = ingress_mode_changes(running, auto)                 # every model may go cold: routed
     assert changes == ([] if stack.ingress_mode == "routed"
                        else ["app 'hpcserve': ingress direct -> routed"
                              " (one hop more per token; failover on replica crashes)"])

@@ -103,7 +103,10 @@ def _chunk(data: bytes) -> bytes:
 
 
 def _response_head(m: Message, chunked: bool) -> bytes:
-    reason = http.HTTPStatus(m.status).phrase.encode() if m.status in http.HTTPStatus._value2member_map_ else b""
+    try:
+        reason = http.HTTPStatus(m.status).phrase.encode()
+    except ValueError:
+        reason = b""
     lines = [b"HTTP/1.1 %d %s" % (m.status, reason)]
     lines += [k + b": " + v for k, v in m.headers if k.lower() not in _HOP]
     lines.append(b"transfer-encoding: chunked" if chunked else b"content-length: %d" % len(m.body))
@@ -112,7 +115,7 @@ def _response_head(m: Message, chunked: bool) -> bytes:
 
 def resume_body(request_body: bytes, events: list[bytes], tokens: int) -> bytes | None:
     """The request again, with what the client has as ``hpcserve.continuation``; None
-    when the stream had already ended (``[DONE]`` passed on)."""
+    when the stream had already ended (its ``finish_reason`` passed on)."""
     text, first = [], None
     for block in events:
         for line in block.split(b"\n"):
@@ -123,12 +126,16 @@ def resume_body(request_body: bytes, events: list[bytes], tokens: int) -> bytes 
             event = orjson.loads(line[6:])
             first = first or event
             for choice in event.get("choices") or ():
+                if choice.get("finish_reason"):
+                    return None
                 text.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+    if first is None:  # the client has no event yet: the request as it was
+        return request_body
     data = orjson.loads(request_body)
     options = data.get("hpcserve") if isinstance(data.get("hpcserve"), dict) else {}
     data["hpcserve"] = {**options, "continuation": {
-        "text": "".join(text), "id": first["id"] if first else "",
-        "created": first["created"] if first else 0, "tokens": tokens}}
+        "text": "".join(text), "id": first["id"], "created": first["created"],
+        "tokens": tokens}}
     return orjson.dumps(data)
 
 
@@ -238,11 +245,12 @@ class Relay:
                     await writer.drain()
                     return True
                 up.close()
-                resumed = resume_body(body, events, tokens) if self.key and attempt < RETRIES \
-                    else None
-                if resumed is None:
-                    ended = any(b"data: [DONE]" in e for e in events)
-                    writer.write((b"" if ended else _chunk(_LOST)) + b"0\r\n\r\n")
+                may_resume = self.key is not None and attempt < RETRIES
+                resumed = resume_body(body, events, tokens) if may_resume else None
+                if resumed is None:  # nothing is lost if it had finished: end it well
+                    done = any(b"data: [DONE]" in e for e in events)
+                    tail = b"" if done else _chunk(b"data: [DONE]\n\n" if may_resume else _LOST)
+                    writer.write(tail + b"0\r\n\r\n")
                     await writer.drain()
                     return False
                 attempt += 1

@@ -250,3 +250,25 @@ def test_a_client_that_leaves_mid_stream_stops_the_replicas_stream(relay):
         assert replicas.abandoned.wait(10), "the replica kept streaming to nobody"
     finally:
         replicas.delay = 0.0
+
+
+def _event(delta: dict | None = None, finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
+    return b"data: " + orjson.dumps({"id": "chatcmpl-1", "created": 5, "choices": [choice]}) \
+        + b"\n\n"
+
+
+def test_resume_body_carries_what_the_client_has_unless_the_stream_had_finished():
+    from cluster.failover_relay import resume_body
+    request = orjson.dumps({"model": "m", "messages": [], "stream": True,
+                            "hpcserve": {"trace_texts": False}})
+    events = [_event({"role": "assistant", "content": ""}) + _event({"content": "Hel"}),
+              _event({"content": "lo"})]
+    body = orjson.loads(resume_body(request, events, 4))
+    assert body["hpcserve"] == {"trace_texts": False, "continuation": {
+        "text": "Hello", "id": "chatcmpl-1", "created": 5, "tokens": 4}}
+    assert {k: v for k, v in body.items() if k != "hpcserve"} == {
+        "model": "m", "messages": [], "stream": True}
+    assert resume_body(request, [], 0) == request  # cut before any event: from the start
+    assert resume_body(request, events + [_event(finish="length")], 6) is None
+    assert resume_body(request, events + [b"data: [DONE]\n\n"], 6) is None

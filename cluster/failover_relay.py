@@ -52,6 +52,7 @@ _ENGINE_LOST = b'"code":"engine_unavailable"'
 class Message:
     """One parsed HTTP message (a client's request or an upstream's response)."""
 
+    method: bytes = b""
     url: bytes = b""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytearray = field(default_factory=bytearray)
@@ -90,6 +91,8 @@ class _Parsed:
         m.keep_alive = self.parser.should_keep_alive()
         if isinstance(self.parser, httptools.HttpResponseParser):
             m.status = self.parser.get_status_code()
+        else:
+            m.method = self.parser.get_method()
 
     def on_body(self, body: bytes) -> None:
         self.current.body += body
@@ -174,8 +177,7 @@ class Relay:
                         return
                     parsed.parser.feed_data(data)
                 request = parsed.messages.pop(0)
-                method = parsed.parser.get_method()
-                if not await self.relay(method, request, writer) or not request.keep_alive:
+                if not await self.relay(request, writer) or not request.keep_alive:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, httptools.HttpParserError):
             pass
@@ -184,10 +186,13 @@ class Relay:
         finally:
             writer.close()
 
-    def _request_bytes(self, method: bytes, request: Message, body: bytes,
+    def _request_bytes(self, request: Message, body: bytes,
                        extra: list[tuple[bytes, bytes]]) -> bytes:
-        lines = [method + b" " + request.url + b" HTTP/1.1"]
-        lines += [k + b": " + v for k, v in request.headers if k.lower() not in _HOP]
+        """The request for HAProxy: hop-by-hop headers and a client's ``x-hpcserve-*``
+        (the relay's own) left out, ``extra`` added."""
+        lines = [request.method + b" " + request.url + b" HTTP/1.1"]
+        lines += [k + b": " + v for k, v in request.headers
+                  if k.lower() not in _HOP and not k.lower().startswith(b"x-hpcserve-")]
         lines += [k + b": " + v for k, v in extra]
         lines.append(b"content-length: %d" % len(body))
         return b"\r\n".join(lines) + b"\r\n\r\n" + body
@@ -198,7 +203,12 @@ class Relay:
         is tried once more, on a new connection)."""
         while True:
             reused = bool(self.idle)
-            ur, uw = self.idle.pop() if reused else await asyncio.open_connection(*self.upstream)
+            try:
+                ur, uw = self.idle.pop() if reused else await asyncio.open_connection(
+                    *self.upstream)
+            except OSError:
+                log.warning("relay: HAProxy at %s:%d refused a connection", *self.upstream)
+                return None
             up = Upstream(ur, uw, _Parsed(response=True))
             try:
                 uw.write(raw)
@@ -220,13 +230,13 @@ class Relay:
         else:
             up.writer.close()
 
-    async def relay(self, method: bytes, request: Message, writer: asyncio.StreamWriter) -> bool:
+    async def relay(self, request: Message, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False when the client connection is to be closed.  An
         upstream connection left unfinished (the client went away) is closed, so
         its replica stops generating."""
         body = bytes(request.body)
         up = await self._exchange(self._request_bytes(
-            method, request, body, [(continuation.RELAYED_HEADER.encode(), b"1")]))
+            request, body, [(continuation.RELAYED_HEADER.encode(), b"1")]))
         if up is None:
             writer.write(_LOST_RESPONSE)
             return False
@@ -245,11 +255,11 @@ class Relay:
                     await writer.drain()
                     return True
                 up.close()
-                may_resume = self.key is not None and attempt < RETRIES
-                resumed = resume_body(body, events, tokens) if may_resume else None
-                if resumed is None:  # nothing is lost if it had finished: end it well
+                resumed = resume_body(body, events, tokens)
+                if resumed is None or self.key is None or attempt >= RETRIES:
+                    # it had finished (nothing lost: end it well), or cannot be resumed
                     done = any(b"data: [DONE]" in e for e in events)
-                    tail = b"" if done else _chunk(b"data: [DONE]\n\n" if may_resume else _LOST)
+                    tail = b"" if done else _chunk(_LOST if resumed else b"data: [DONE]\n\n")
                     writer.write(tail + b"0\r\n\r\n")
                     await writer.drain()
                     return False
@@ -257,7 +267,7 @@ class Relay:
                 log.warning("relay: stream %s cut after %d tokens; resuming on another "
                             "replica (%d of %d)", request.url.decode(errors="replace"), tokens,
                             attempt, RETRIES)
-                up = await self._exchange(self._request_bytes(method, request, resumed, [
+                up = await self._exchange(self._request_bytes(request, resumed, [
                     (continuation.RELAYED_HEADER.encode(), b"1"),
                     (continuation.SIGNATURE_HEADER.encode(),
                      continuation.sign(self.key, resumed).encode())]))

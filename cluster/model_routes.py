@@ -47,11 +47,12 @@ def frontend_rules(map_dir: Path, route: bool = True, relay: bool = False) -> st
     (``cluster.failover_relay``) with its model's route already in its path; the
     relay sends it back here under ``/_m/``, which these rules leave alone, so the
     model's replicas answer it."""
-    cond = f"METH_POST {{ path {MODEL_PATHS} }}"
+    # path_end: also a model's own route (/_m/<model>/v1/...), as the relay sends it
+    cond = f"METH_POST {{ path_end {MODEL_PATHS} }}"
     rules = (f"    {RULES_MARK} before it is sent on (retried if its replica dies)\n"
              f"    http-request wait-for-body time 1s if {cond}\n"
              "    # hpcserve: and only model requests are sent twice (not a batch, a file)\n"
-             f"    http-request disable-l7-retry if !METH_GET !{{ path {MODEL_PATHS} }}\n")
+             f"    http-request disable-l7-retry if !METH_GET !{{ path_end {MODEL_PATHS} }}\n")
     if not route:
         return rules
     rules += (
@@ -97,11 +98,13 @@ def _write(path: Path, text: str) -> None:
         os.replace(tmp, path)
 
 
-def split_apps(serve_config: dict) -> tuple[dict, list[str], list[str]]:
+def split_apps(serve_config: dict, relay: bool = True) -> tuple[dict, list[str], list[str]]:
     """Serve's config with each hpcserve app at ``/`` whose models get applications of
     their own (``AppConfig.own_app_models``) split into those and the router; and
     the models HAProxy is to route by and those it sends through the failover relay
-    (for ``write_map``).
+    (for ``write_map``).  Without a ``relay`` (no Ray auth token to sign with, or a
+    head started without one), models with ``failover`` stay on the router, whose
+    routed ingress fails over itself.
 
     Generated applications carry the user's app settings (``runtime_env`` and the
     like) and args, plus ``serve_app.layout.LAYOUT_ARG`` telling each what it is."""
@@ -116,8 +119,9 @@ def split_apps(serve_config: dict) -> tuple[dict, list[str], list[str]]:
         own: list[str] = []
         if app.get("import_path") == APP_IMPORT_PATH and app.get("route_prefix", "/") == "/":
             parsed = parse_app_config(app.get("args") or {})
-            own = parsed.own_app_models
-            failover += parsed.failover_models
+            own = [m for m in parsed.own_app_models
+                   if relay or m not in parsed.failover_models]
+            failover += [m for m in parsed.failover_models if relay]
         if not own:
             out["applications"].append(app)
             continue
@@ -142,6 +146,7 @@ def haproxy_dir(head) -> Path:
 def publish(head, serve_config: dict) -> dict:
     """``split_apps`` for a deploy to ``head``, with the model map written first so
     the HAProxy that the deploy (re)starts routes by it; the config to deploy."""
-    split, models, failover = split_apps(serve_config)
+    relay = head.env.get("RAY_AUTH_MODE") == "token" and "HPCSERVE_RELAY_PORT" in head.env
+    split, models, failover = split_apps(serve_config, relay)
     write_map(haproxy_dir(head), models, failover)
     return split

@@ -27,10 +27,14 @@ from functools import lru_cache
 from pathlib import Path
 
 SIGNATURE_HEADER = "x-hpcserve-continuation-signature"
-# The relay's requests ask for the completion tokens so far after each text chunk,
-# as an SSE comment (``:N``) the relay takes out: its count for a resend.
+# The relay's requests ask for the completion tokens so far with each text chunk, as
+# an SSE comment line (``:N``) opening the chunk's event, which the relay takes out:
+# its count for a resend.  In the same event, so a read never splits the two.
 RELAYED_HEADER = "x-hpcserve-relayed"
-COUNT = re.compile(rb"(?m)^:(\d+)\n\n")
+COUNT = re.compile(rb"(?m)^:(\d+)\n")
+# RequestContext.state keys: a verified continuation (its stream was admitted when it
+# began), and a relayed stream whose engine was lost (the resuming replica accounts it)
+RESUMED, HANDED_OVER = "continuation.resumed", "continuation.handed_over"
 _CONTEXT = b"hpcserve failover relay continuation v1"
 
 
@@ -62,7 +66,7 @@ def verified(body: bytes, signature: str | None) -> bool:
 
 
 def with_count(chunk: bytes, tokens: int) -> bytes:
-    return chunk + b":%d\n\n" % tokens
+    return b":%d\n" % tokens + chunk
 
 
 def without_counts(events: bytes) -> tuple[bytes, int | None]:

@@ -13,6 +13,7 @@ import hmac
 import time
 from typing import Any
 
+from serve_app import continuation
 from serve_app.access.client import AccessClient
 from serve_app.access.config import AccessConfig, Limits
 from serve_app.access.limits import format_duration
@@ -163,6 +164,8 @@ class Admit:
         principal = ctx.principal
         if not ctx.endpoint.generates or principal is None or not principal.scopes:
             return
+        if ctx.state.get(continuation.RESUMED):  # admitted when its stream began
+            return
         cfg = self.models[ctx.model]
         ctx.cost_estimate = estimate_tokens(ctx.body, cfg.max_model_len)
         costs = {"requests": 1, "tokens": ctx.cost_estimate, "concurrent": 1}
@@ -228,6 +231,8 @@ class Account:
     def after(self, ctx: RequestContext) -> None:
         principal = ctx.principal
         if not ctx.endpoint.generates or principal is None:
+            return
+        if ctx.state.get(continuation.HANDED_OVER):  # the replica that resumes it records it
             return
         usage = ctx.usage
         self.client.record({

@@ -24,7 +24,7 @@ from serve_app.config import ModelConfig
 from serve_app.engines.base import capabilities
 from serve_app.errors import APIError, as_engine_error
 from serve_app.framing import EXTENSION, ResponseFramer
-from serve_app.openai_protocol import IGNORED_FIELDS
+from serve_app.openai_protocol import IGNORED_FIELDS, Continuation
 from serve_app.protocol import GenerateDelta, GenerateRequest, SamplingParams, Usage
 
 # Options with engine-specific support: a 400 naming them where the engine lacks them,
@@ -140,7 +140,7 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and bool(options.continuous_usage_stats)  # as vLLM
         events = _sse(ctx, framer, first, stream, include_usage, continuous,
-                      bool(req.extras.get("logprobs")), resumed.tokens if resumed else None,
+                      bool(req.extras.get("logprobs")), resumed,
                       continuation.RELAYED_HEADER in ctx.request.headers)
         return ClosingStreamingResponse(events, media_type="text/event-stream",
                                         headers={"Cache-Control": "no-cache"})
@@ -169,23 +169,25 @@ async def whole_answer(stream: AsyncIterator[list[GenerateDelta]]
 
 async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[GenerateDelta],
                rest: AsyncIterator[list[GenerateDelta]], include_usage: bool,
-               continuous: bool, with_logprobs: bool, resumed_tokens: int | None = None,
+               continuous: bool, with_logprobs: bool, resumed: Continuation | None = None,
                relayed: bool = False):
     """The event stream; with ``continuous`` (vLLM's ``continuous_usage_stats``)
     every chunk carries the usage so far: the prompt's tokens (engines report them
     with their first delta) and the completion tokens sent until then.  When the
     stream ends, however it ends, the usage so far goes to ``ctx`` (a stream cut
-    short is still accounted) -- once, not per chunk.  A resumed stream
-    (``resumed_tokens``: what the client already has) opens with no role chunk, and
-    its usage counts those tokens as completion, as the client saw them.  For the
-    failover relay (``relayed``) every text chunk is followed by the completion
-    tokens so far as an SSE comment, which the relay keeps and takes out."""
-    prompt, completion = _prompt_tokens(first), resumed_tokens or 0
+    short is still accounted) -- once, not per chunk.  A ``resumed`` stream (what
+    the client already has) opens with no role chunk, and its usage counts those
+    tokens as completion, as the client saw them.  For the failover relay
+    (``relayed``) every text chunk carries the completion tokens so far as an SSE
+    comment, which the relay takes out; and an engine lost mid-stream is the
+    relay's to resume, so the replica that finishes the stream accounts all of it."""
+    prompt, completion = _prompt_tokens(first), resumed.tokens if resumed else 0
     ctx.usage = Usage(prompt, completion)
-    finish, usage, offset, extension = "stop", None, 0, None
+    finish, usage, extension = "stop", None, None
+    offset = len(resumed.text) if resumed else 0
     try:
         async with aclosing(rest):  # the engine stream closes even if the client left
-            if resumed_tokens is None:  # (and during this)
+            if resumed is None:  # (and during this)
                 yield framer.first_chunk(Usage(prompt, 0) if continuous else None)
             async for deltas in _prepend(first, rest):
                 text = "".join(d.text for d in deltas)
@@ -205,7 +207,7 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
                 last = deltas[-1] if deltas else None
                 if last is not None and last.finish_reason:
                     finish, usage = last.finish_reason, last.usage or so_far
-                    if resumed_tokens is not None and usage is not None:
+                    if resumed is not None and usage is not None:
                         usage = Usage(usage.prompt_tokens, completion)
                     extension = last.extras.get(EXTENSION)
     except Exception as exc:  # mid-stream: the status is already sent
@@ -214,6 +216,8 @@ async def _sse(ctx: RequestContext, framer: ResponseFramer, first: list[Generate
             APIError(503, f"The engine failed mid-stream: {type(exc).__name__}",
                      type_="server_error", code="engine_unavailable")
         ctx.status = api.status
+        if relayed and api.code == "engine_unavailable":
+            ctx.state[continuation.HANDED_OVER] = True
         yield framer.error_event(api.body())
         return
     finally:

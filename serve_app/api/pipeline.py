@@ -100,6 +100,7 @@ class ReadBody:
                 raise APIError(400, "hpcserve.continuation is set only by hpcserve's "
                                "failover relay.", param="hpcserve.continuation",
                                code="invalid_request")
+            ctx.state[continuation.RESUMED] = True
         return data
 
 

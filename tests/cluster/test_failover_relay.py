@@ -226,14 +226,20 @@ def test_a_stream_with_no_cut_and_other_models_pass_as_they_are(relay):
     assert plain == "router /_m/plain/v1/completions" and len(replicas.requests) == 2
 
 
-def test_a_client_cannot_send_a_continuation(relay):
+def test_a_clients_own_hpcserve_headers_never_reach_a_replica(relay):
+    """Even a continuation with a valid signature (as if one leaked) is refused by the
+    replica when a client sends it: the relay passes on no ``x-hpcserve-*`` header."""
     url, replicas, _ = relay
     replicas.cut, replicas.requests[:] = None, []
-    forged = {"model": "tiny", "prompt": "p", "max_tokens": 5, "stream": True,
-              "hpcserve": {"continuation": {"text": "x", "id": "a", "created": 1, "tokens": 1}}}
-    r = httpx.post(url + "/v1/completions", json=forged, timeout=30,
-                   headers={continuation.SIGNATURE_HEADER: "0" * 64})
+    forged = orjson.dumps({"model": "tiny", "prompt": "p", "max_tokens": 5, "stream": True,
+                           "hpcserve": {"continuation": {"text": "x", "id": "a", "created": 1,
+                                                         "tokens": 1}}})
+    r = httpx.post(url + "/v1/completions", content=forged, timeout=30, headers={
+        "content-type": "application/json",
+        continuation.SIGNATURE_HEADER: continuation.sign(continuation.relay_key(), forged)})
     assert r.status_code == 400
+    ((_, headers, _),) = replicas.requests
+    assert continuation.SIGNATURE_HEADER not in headers
 
 
 def test_a_client_that_leaves_mid_stream_stops_the_replicas_stream(relay):

@@ -145,6 +145,10 @@ def test_split_apps_gives_each_always_on_model_an_app_and_keeps_the_router():
     other = {"name": "plain", "route_prefix": "/plain", "import_path": "serve_app.app:build_app",
              "args": {"models": [{"name": "a"}]}}
     serve = {"http_options": {"port": 1}, "applications": [app, other]}
+    # no relay (no Ray token to sign with): the failover model stays on the router
+    no_relay, routed, failover = split_apps(serve, relay=False)
+    assert routed == ["a"] and failover == []
+    assert no_relay["applications"][0]["args"][LAYOUT_ARG] == {"model_apps": {"a": "hpcserve.m.a"}}
     split, routed, failover = split_apps(serve)
     assert routed == ["a", "org/b"] and failover == ["org/b"]
     names = [(a["name"], a["route_prefix"], a["import_path"]) for a in split["applications"]]

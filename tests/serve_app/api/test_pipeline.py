@@ -133,3 +133,54 @@ def test_a_client_gone_while_a_chunk_is_sent_closes_the_stream_beneath(asgi):
         assert log == ["a.before", "engine closed", "a.after:200"]
 
     asyncio.run(serve())
+
+
+def _post(body: bytes, headers: dict[str, str]) -> RequestContext:
+    """A POST whose body arrives as a client's would."""
+    from serve_app.openai_protocol import CompletionRequest
+    raw = [(b"content-type", b"application/json")] + [
+        (k.encode(), v.encode()) for k, v in headers.items()]
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": raw}, receive)
+    return RequestContext(request, Endpoint("t", "/", "POST", handle=None, body=CompletionRequest))
+
+
+def test_a_continuation_is_read_only_signed_by_the_clusters_relay(monkeypatch):
+    """``hpcserve.continuation`` makes the model take text as its own output: only the
+    failover relay, signing with the key every node derives from the Ray token, may
+    send it (``serve_app.continuation``)."""
+    import orjson
+
+    from serve_app import continuation
+    from serve_app.api.pipeline import ReadBody
+    body = orjson.dumps({"model": "m", "prompt": "p", "stream": True, "hpcserve": {
+        "continuation": {"text": "t", "id": "cmpl-1", "created": 1, "tokens": 1}}})
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "cluster-token")
+    continuation.relay_key.cache_clear()
+    try:
+        key = continuation.relay_key()
+        signed = continuation.sign(key, body)
+        for headers in ({}, {continuation.SIGNATURE_HEADER: "0" * 64},
+                        {continuation.SIGNATURE_HEADER: continuation.sign(key, body + b" ")}):
+            ctx = _post(body, headers)
+            with pytest.raises(APIError) as info:
+                asyncio.run(ReadBody(1 << 20).before(ctx))
+            assert (info.value.status, info.value.param) == (400, "hpcserve.continuation")
+            assert continuation.RESUMED not in ctx.state
+        ctx = _post(body, {continuation.SIGNATURE_HEADER: signed})
+        asyncio.run(ReadBody(1 << 20).before(ctx))
+        assert ctx.body.hpcserve.continuation.text == "t" and ctx.state[continuation.RESUMED]
+        # another cluster's token derives another key: its relay's signature is refused
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "other-cluster")
+        continuation.relay_key.cache_clear()
+        with pytest.raises(APIError):
+            asyncio.run(ReadBody(1 << 20).before(_post(body, {continuation.SIGNATURE_HEADER: signed})))
+    finally:
+        continuation.relay_key.cache_clear()

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster import metrics
+from cluster import haproxy_guard, metrics
 from cluster.config import load_run_config
 from cluster.head import HeadInfo
 from cluster.model_state import document, model_states, publish, write_local
@@ -32,7 +32,7 @@ _HEAD_ONLY = {"RAY_AUTH_TOKEN_PATH", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERV
               "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
               "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT",
               "RAY_SERVE_HAPROXY_BINARY_PATH", "HPCSERVE_HTTP_HOST", "HPCSERVE_SERVE_BIND_HOST",
-              "DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT",
+              "DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT", "HPCSERVE_RELAY_PORT",
               # HAProxy runs on the head only; a value with a space cannot travel
               # through HEAppE (heappe_template.SAFE_VALUE)
               "RAY_SERVE_HAPROXY_RETRY_ON", "RAY_SERVE_HAPROXY_RETRIES"}
@@ -118,6 +118,10 @@ def run(run_dir: Path) -> None:
                 log.exception("pool %s tick failed", pool.config.name)
         if nodes is not None:
             _publish_model_state(view, pools, config.serve, store, run_dir)
+        try:
+            haproxy_guard.keep_relay(head.env, Path(head.private_dir) / "h")
+        except Exception:
+            log.exception("failover relay check failed")
         (run_dir / "control.heartbeat").write_text(str(time.time()))
         # Slow down while all is steady; the horizon keeps a rotation from being
         # noticed up to one idle period late.

@@ -111,7 +111,8 @@ def rewrite(config: str, *, http_host: str, serve_bind_host: str, error_dir: Pat
                      lambda m: m[1] + model_routes.frontend_rules(shed_dir, route, relay), config,
                      "http frontend bind", count=1)
         if relay:
-            config = sub(r"^(frontend http_frontend\n(?:(?!\s*(?:use|default)_backend ).*\n)*)",
+            # before the frontend's first backend rule (its lines are indented)
+            config = sub(r"^(frontend http_frontend\n(?:[ \t]+(?![ \t]|(?:use|default)_backend ).*\n)*)",
                          lambda m: m[1] + model_routes.RELAY_USE_BACKEND, config,
                          "http frontend's backend rules", count=1)
             config += model_routes.relay_backend(relay_port)
@@ -154,6 +155,19 @@ def ensure_relay(directory: Path, port: int, upstream: str) -> None:
                                  "--port", str(port), "--upstream", upstream],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)
     pid_file.write_text(str(proc.pid))
+
+
+def keep_relay(head_env: dict[str, str], haproxy_dir: Path) -> None:
+    """Start the relay again if HAProxy routes to it and it is gone (the control
+    loop's tick: otherwise it would come back only at HAProxy's next start)."""
+    port = head_env.get("HPCSERVE_RELAY_PORT")
+    if not port:
+        return
+    for config in haproxy_dir.glob("*/haproxy.cfg"):
+        text = config.read_text()
+        if model_routes.RELAY_BACKEND in text:
+            ensure_relay(config.parent, int(port), frontend_address(
+                text, head_env.get("HPCSERVE_HTTP_HOST", LOOPBACK)))
 
 
 def write_error_pages(error_dir: Path) -> None:

@@ -42,9 +42,10 @@ log = logging.getLogger("hpcserve.relay")
 RETRIES = 2
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
         b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect"}
-_LOST = (b'data: {"error":{"message":"The engine replica serving this stream was lost and '
-         b'no other replica could continue it.","type":"server_error","param":null,'
-         b'"code":"engine_unavailable"}}\n\ndata: [DONE]\n\n')
+_LOST_JSON = (b'{"error":{"message":"The engine replica serving this stream was lost and '
+              b'no other replica could continue it.","type":"server_error","param":null,'
+              b'"code":"engine_unavailable"}}')
+_LOST = b"data: " + _LOST_JSON + b"\n\ndata: [DONE]\n\n"  # its end as an SSE error event
 _ENGINE_LOST = b'"code":"engine_unavailable"'
 
 
@@ -328,7 +329,6 @@ class Relay:
                 return False, tokens
 
 
-_LOST_JSON = _LOST.split(b"\n\n")[0][6:]
 _LOST_RESPONSE = _response_head(Message(status=503, headers=[
     (b"content-type", b"application/json"), (b"retry-after", b"1")],
     body=bytearray(_LOST_JSON)), False) + _LOST_JSON

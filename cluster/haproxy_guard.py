@@ -157,17 +157,21 @@ def ensure_relay(directory: Path, port: int, upstream: str) -> None:
     pid_file.write_text(str(proc.pid))
 
 
+def relay_for(config_path: Path, env: dict[str, str], text: str | None = None) -> None:
+    """The relay, started unless running, if HAProxy's config routes to it: at
+    HAProxy's (re)start (``guard_and_exec``) and at every control loop tick
+    (``keep_relay``), so one that died comes back without waiting for a reload."""
+    port = env.get("HPCSERVE_RELAY_PORT")
+    text = config_path.read_text() if text is None else text
+    if port and model_routes.RELAY_BACKEND in text:
+        ensure_relay(config_path.parent, int(port), frontend_address(
+            text, env.get("HPCSERVE_HTTP_HOST", LOOPBACK)))
+
+
 def keep_relay(head_env: dict[str, str], haproxy_dir: Path) -> None:
-    """Start the relay again if HAProxy routes to it and it is gone (the control
-    loop's tick: otherwise it would come back only at HAProxy's next start)."""
-    port = head_env.get("HPCSERVE_RELAY_PORT")
-    if not port:
-        return
-    for config in haproxy_dir.glob("*/haproxy.cfg"):
-        text = config.read_text()
-        if model_routes.RELAY_BACKEND in text:
-            ensure_relay(config.parent, int(port), frontend_address(
-                text, head_env.get("HPCSERVE_HTTP_HOST", LOOPBACK)))
+    if head_env.get("HPCSERVE_RELAY_PORT"):
+        for config_path in haproxy_dir.glob("*/haproxy.cfg"):
+            relay_for(config_path, head_env)
 
 
 def write_error_pages(error_dir: Path) -> None:
@@ -200,8 +204,7 @@ def guard_and_exec(argv: list[str]) -> None:
         new = rewrite(text, http_host=http_host,
                       serve_bind_host=os.environ.get("HPCSERVE_SERVE_BIND_HOST", LOOPBACK),
                       error_dir=config_path.parent, shed_dir=shed_dir, relay_port=relay_port)
-        if relay_port is not None and model_routes.RELAY_BACKEND in new:
-            ensure_relay(config_path.parent, relay_port, frontend_address(new, http_host))
+        relay_for(config_path, dict(os.environ), new)
         if new != text:
             tmp = config_path.with_suffix(".hpcserve-tmp")
             tmp.write_text(new)

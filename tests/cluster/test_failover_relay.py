@@ -29,7 +29,7 @@ from cluster.model_routes import write_map
 from cluster.ports import free_ports
 from serve_app import continuation
 from tests.cluster.rotation_support import wait_until
-from tests.haproxy_support import SERVE_HEAD, check_config, start
+from tests.haproxy_support import SERVE_HEAD, answers, check_config, start
 
 TOKEN = "relay-test-token"
 SERVE_LIKE = SERVE_HEAD + """frontend http_frontend
@@ -153,7 +153,7 @@ def relay(tmp_path_factory):
         env={**os.environ, "RAY_AUTH_TOKEN": TOKEN}, stdout=subprocess.DEVNULL,
         stderr=open(d / "relay.log", "wb"))
     haproxy = start(d / "haproxy.cfg", port)
-    wait_until(lambda: _listening(relay_port), 30, "relay listening", poll_s=0.05)
+    wait_until(lambda: answers(relay_port), 30, "relay listening", poll_s=0.05)
     yield f"http://127.0.0.1:{port}", replicas, config
     haproxy.terminate()
     proc.terminate()
@@ -163,14 +163,6 @@ def relay(tmp_path_factory):
     loop.call_soon_threadsafe(loop.stop)
     del os.environ["RAY_AUTH_TOKEN"]
     continuation.relay_key.cache_clear()
-
-
-def _listening(port: int) -> bool:
-    try:
-        httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-    except httpx.TransportError:
-        return False
-    return True
 
 
 def _stream(url: str, model: str = "tiny", max_tokens: int = 10) -> tuple[list[dict], bytes]:

@@ -162,21 +162,14 @@ def test_a_relay_that_died_is_started_again_by_the_control_loop(stack):
     if stack.ingress != "direct":
         pytest.skip("the routed ingress fails over itself: no relay")
     from tests.cluster.rotation_support import wait_until
+    from tests.haproxy_support import answers
     pid_file = _haproxy_dir(stack) / "relay.pid"
     old = int(pid_file.read_text())
     os.kill(old, signal.SIGKILL)
     wait_until(lambda: int(pid_file.read_text()) != old, 60, "a new relay")
     port = int(stack.head.env["HPCSERVE_RELAY_PORT"])
-    wait_until(lambda: _listening(port), 30, "the new relay listening", poll_s=0.1)
+    wait_until(lambda: answers(port), 30, "the new relay listening", poll_s=0.1)
     reply = stack.client().chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True)
     assert sum(1 for chunk in reply if chunk.choices and chunk.choices[0].delta.content) >= 1
 
-
-def _listening(port: int) -> bool:
-    import socket
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True

@@ -139,10 +139,12 @@ def frontend_address(config: str, http_host: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def ensure_relay(directory: Path, port: int, upstream: str) -> None:
+def ensure_relay(config_path: Path, port: int, upstream: str) -> None:
     """Start the failover relay unless this head's is running (its PID in
-    ``relay.pid``).  It stays in the head's session, so ``down`` stops it with the
+    ``relay.pid`` beside HAProxy's config, from which it reads the replicas).  It
+    stays in the head's session, so ``down`` stops it with the
     head; HAProxy's (re)starts bring it back if it died."""
+    directory = config_path.parent
     pid_file = directory / "relay.pid"
     try:
         pid = int(pid_file.read_text())
@@ -152,7 +154,8 @@ def ensure_relay(directory: Path, port: int, upstream: str) -> None:
         pass
     with open(directory / "relay.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cluster.failover_relay",
-                                 "--port", str(port), "--upstream", upstream],
+                                 "--port", str(port), "--upstream", upstream,
+                                 "--config", str(config_path)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)
     pid_file.write_text(str(proc.pid))
 
@@ -164,7 +167,7 @@ def relay_for(config_path: Path, env: dict[str, str], text: str | None = None) -
     port = env.get("HPCSERVE_RELAY_PORT")
     text = config_path.read_text() if text is None else text
     if port and model_routes.RELAY_BACKEND in text:
-        ensure_relay(config_path.parent, int(port), frontend_address(
+        ensure_relay(config_path, int(port), frontend_address(
             text, env.get("HPCSERVE_HTTP_HOST", LOOPBACK)))
 
 

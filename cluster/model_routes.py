@@ -78,6 +78,8 @@ RELAY_USE_BACKEND = (f"    # hpcserve: failover models' requests take the relay\
 def relay_backend(port: int) -> str:
     """The backend HAProxy sends failover models' requests to (appended to the config)."""
     return (f"\n# hpcserve: the failover relay (cluster.failover_relay)\nbackend {RELAY_BACKEND}\n"
+            "    # its connections are kept for any client's next request, as Serve's backends'\n"
+            "    http-reuse always\n"
             f"    server relay 127.0.0.1:{port}\n")
 
 

@@ -1,10 +1,11 @@
 """The failover relay between a real HAProxy (the guard's rules) and replicas that die.
 
 HAProxy is configured as the guard configures Serve's (``rewrite`` with a failover
-map), the relay runs as its own process, as on a head.  The replicas are a small
-HTTP server in this test that answers as an engine replica does for the relay:
-SSE chunks, each followed by its token count; the first stream of each request is
-cut mid-stream (the connection dropped, as when a node dies, or an
+map), the relay runs as its own process, as on a head, reading the replicas'
+addresses from that config.  The replicas are a small HTTP server in this test,
+listening on two ports (two replicas), that answers as an engine replica does for
+the relay: SSE chunks, each opened by its token count; the first stream of each
+request is cut mid-stream (the connection dropped, as when a node dies, or an
 ``engine_unavailable`` error event, as when the engine dies under a live replica).
 A real engine replica behind the relay, killed mid-stream, is
 ``tests/serve_app/test_failover.py``'s.
@@ -38,7 +39,9 @@ SERVE_LIKE = SERVE_HEAD + """frontend http_frontend
     use_backend tiny if is_tiny
     use_backend router if {{ path_beg / }}
 backend tiny
+    http-request set-header x-via haproxy
     server r1 127.0.0.1:{replica}
+    server r2 127.0.0.1:{replica2}
 backend router
     http-request return status 200 content-type text/plain lf-string "router %[path]"
 """
@@ -49,6 +52,7 @@ class Replicas:
 
     def __init__(self):
         self.requests: list[tuple[bytes, dict, dict]] = []  # (path, headers, body)
+        self.ports: list[int] = []  # the port each request came to
         self.cut = "connection"  # or "error_event", or None: streams run to the end
         self.delay = 0.0  # between events
         self.abandoned = threading.Event()  # a stream's reader went away
@@ -75,6 +79,7 @@ class Replicas:
             parser.feed_data(data)
         body = orjson.loads(msg["body"])
         self.requests.append((msg["url"], msg["headers"], body))
+        self.ports.append(writer.get_extra_info("sockname")[1])
         resumed = (body.get("hpcserve") or {}).get("continuation")
         if resumed is not None and not continuation.verified(
                 msg["body"], msg["headers"].get(continuation.SIGNATURE_HEADER)):
@@ -131,35 +136,39 @@ def relay(tmp_path_factory):
     continuation.relay_key.cache_clear()
     replicas = Replicas()
     loop = asyncio.new_event_loop()
-    replica_port, port, relay_port, p1, p2 = free_ports(5)
+    replica_port, replica2, port, relay_port, p1, p2 = free_ports(6)
 
-    async def serve():
-        return await asyncio.start_server(replicas.handle, "127.0.0.1", replica_port)
-    server = loop.run_until_complete(serve())
+    async def serve(at):
+        return await asyncio.start_server(replicas.handle, "127.0.0.1", at)
+    servers = [loop.run_until_complete(serve(at)) for at in (replica_port, replica2)]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
     write_error_pages(d)
     write_shed_files(d)
     write_map(d, ["tiny", "plain"], failover=["tiny"])
-    config = rewrite(SERVE_LIKE.format(d=d, p1=p1, p2=p2, port=port, replica=replica_port),
+    config = rewrite(SERVE_LIKE.format(d=d, p1=p1, p2=p2, port=port, replica=replica_port,
+                                       replica2=replica2),
                      http_host="127.0.0.1", serve_bind_host="127.0.0.1", error_dir=d,
                      shed_dir=d, relay_port=relay_port)
     (d / "haproxy.cfg").write_text(config)
     check_config(d / "haproxy.cfg")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.failover_relay", "--port", str(relay_port),
-         "--upstream", frontend_address(config, "127.0.0.1")],
+         "--upstream", frontend_address(config, "127.0.0.1"), "--config", str(d / "haproxy.cfg")],
         env={**os.environ, "RAY_AUTH_TOKEN": TOKEN}, stdout=subprocess.DEVNULL,
         stderr=open(d / "relay.log", "wb"))
     haproxy = start(d / "haproxy.cfg", port)
     wait_until(lambda: answers(relay_port), 30, "relay listening", poll_s=0.05)
+    replicas.listening = {replica_port: servers[0], replica2: servers[1]}
+    replicas.loop = loop
     yield f"http://127.0.0.1:{port}", replicas, config
     haproxy.terminate()
     proc.terminate()
     haproxy.wait(10)
     proc.wait(10)
-    loop.call_soon_threadsafe(server.close)
+    for server in replicas.listening.values():
+        loop.call_soon_threadsafe(server.close)
     loop.call_soon_threadsafe(loop.stop)
     del os.environ["RAY_AUTH_TOKEN"]
     continuation.relay_key.cache_clear()
@@ -181,13 +190,15 @@ def test_the_guard_sends_failover_models_through_the_relay_only(relay):
     lines = frontend.splitlines()
     relay_rule = next(i for i, line in enumerate(lines) if "use_backend hpcserve_failover_relay" in line)
     assert relay_rule < next(i for i, line in enumerate(lines) if "use_backend tiny" in line)
-    assert "backend hpcserve_failover_relay\n    server relay 127.0.0.1:" in config
+    backend = config[config.index("backend hpcserve_failover_relay"):]
+    assert "\n    http-reuse always\n    server relay 127.0.0.1:" in backend
 
 
 @pytest.mark.parametrize("cut", ["connection", "error_event"])
 def test_a_cut_stream_continues_on_another_replica_as_one_stream(relay, cut):
     url, replicas, _ = relay
     replicas.cut, replicas.requests[:] = cut, []
+    replicas.ports.clear()
     events, raw = _stream(url)
     # one stream: every word once, in order, one id, no count comments, one [DONE]
     assert "".join(e["choices"][0]["text"] for e in events) == "".join(
@@ -196,7 +207,10 @@ def test_a_cut_stream_continues_on_another_replica_as_one_stream(relay, cut):
     assert b"\n:" not in raw and not raw.startswith(b":")
     assert raw.count(b"data: [DONE]") == 1 and b'"error"' not in raw
     (path1, head1, body1), (path2, head2, body2) = replicas.requests
-    assert path1 == path2 == b"/_m/tiny/v1/completions"  # the relay came back under /_m/
+    assert path1 == path2 == b"/_m/tiny/v1/completions"  # at the model's route
+    # straight from the relay (not a second pass through HAProxy), to the other replica
+    assert "x-via" not in head1 and "x-via" not in head2
+    assert replicas.ports[0] != replicas.ports[1]
     assert continuation.SIGNATURE_HEADER not in head1
     assert body2["hpcserve"]["continuation"] == {
         "text": "w0 w1 w2 ", "id": "cmpl-7", "created": 7, "tokens": 3}
@@ -206,6 +220,7 @@ def test_a_cut_stream_continues_on_another_replica_as_one_stream(relay, cut):
 def test_a_stream_with_no_cut_and_other_models_pass_as_they_are(relay):
     url, replicas, _ = relay
     replicas.cut, replicas.requests[:] = None, []
+    replicas.ports.clear()
     events, raw = _stream(url, max_tokens=5)
     assert [e["choices"][0]["text"] for e in events] == [f"w{i} " for i in range(5)]
     whole = httpx.post(url + "/v1/completions", timeout=30,
@@ -223,6 +238,7 @@ def test_a_clients_own_hpcserve_headers_never_reach_a_replica(relay):
     replica when a client sends it: the relay passes on no ``x-hpcserve-*`` header."""
     url, replicas, _ = relay
     replicas.cut, replicas.requests[:] = None, []
+    replicas.ports.clear()
     forged = orjson.dumps({"model": "tiny", "prompt": "p", "max_tokens": 5, "stream": True,
                            "hpcserve": {"continuation": {"text": "x", "id": "a", "created": 1,
                                                          "tokens": 1}}})
@@ -238,6 +254,7 @@ def test_a_client_that_leaves_mid_stream_stops_the_replicas_stream(relay):
     """The relay closes its upstream connection, HAProxy its own to the replica."""
     url, replicas, _ = relay
     replicas.cut, replicas.delay, replicas.requests[:] = None, 0.02, []
+    replicas.ports.clear()
     replicas.abandoned.clear()
     try:
         with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
@@ -270,3 +287,24 @@ def test_resume_body_carries_what_the_client_has_unless_the_stream_had_finished(
     assert resume_body(request, [], 0) == request  # cut before any event: from the start
     assert resume_body(request, events + [_event(finish="length")], 6) is None
     assert resume_body(request, events + [b"data: [DONE]\n\n"], 6) is None
+
+
+def test_a_replica_that_refuses_is_passed_over_without_haproxy(relay):
+    """As HAProxy's ``retry-on conn-failure`` would: the relay tries the other replica."""
+    url, replicas, _ = relay
+    (gone, server), (other, _) = replicas.listening.items()
+    replicas.loop.call_soon_threadsafe(server.close)
+    wait_until(lambda: not answers(gone), 10, "a replica stopped listening", poll_s=0.05)
+    replicas.cut, replicas.requests[:] = None, []
+    replicas.ports.clear()
+    try:
+        for _ in range(4):
+            events, _raw = _stream(url, max_tokens=3)
+            assert len(events) == 3
+        assert replicas.ports == [other] * 4
+        assert not any("x-via" in headers for _, headers, _ in replicas.requests)
+    finally:
+        async def listen():
+            return await asyncio.start_server(replicas.handle, "127.0.0.1", gone)
+        replicas.listening[gone] = asyncio.run_coroutine_threadsafe(
+            listen(), replicas.loop).result(10)

@@ -56,6 +56,9 @@ def test_the_failover_model_takes_the_relay_or_the_ingress(stack):
     assert apps == {"hpcserve": {"Ingress"}, "hpcserve.m.tiny": {"engine-tiny"},
                     "hpcserve.m.other": {"engine-other"}}
     assert "use_backend hpcserve_failover_relay" in haproxy
+    # the relay finds the model's two replicas in Serve's config, to send to directly
+    from cluster.relay_backends import parse
+    assert len(parse(haproxy)["/_m/tiny"]) == 2
     assert (_haproxy_dir(stack).parent / "hpcserve-failover.map").read_text() == "tiny 1\n"
 
 

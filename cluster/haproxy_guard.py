@@ -142,8 +142,8 @@ def frontend_address(config: str, http_host: str) -> str:
 def ensure_relay(config_path: Path, port: int, upstream: str) -> None:
     """Start the failover relay unless this head's is running (its PID in
     ``relay.pid`` beside HAProxy's config, from which it reads the replicas).  It
-    stays in the head's session, so ``down`` stops it with the
-    head; HAProxy's (re)starts bring it back if it died."""
+    stays in the head's session, so ``down`` stops it with the head; HAProxy's
+    (re)starts bring it back if it died."""
     directory = config_path.parent
     pid_file = directory / "relay.pid"
     try:

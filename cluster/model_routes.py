@@ -45,8 +45,8 @@ def frontend_rules(map_dir: Path, route: bool = True, relay: bool = False) -> st
 
     ``relay``: a request for a model in the failover map goes to the failover relay
     (``cluster.failover_relay``) with its model's route already in its path; the
-    relay sends it back here under ``/_m/``, which these rules leave alone, so the
-    model's replicas answer it."""
+    relay sends it to one of the model's replicas itself, or, with none it can
+    reach, back here under ``/_m/``, which these rules leave alone."""
     # path_end: also a model's own route (/_m/<model>/v1/...), as the relay sends it
     cond = f"METH_POST {{ path_end {MODEL_PATHS} }}"
     rules = (f"    {RULES_MARK} before it is sent on (retried if its replica dies)\n"

@@ -33,7 +33,9 @@ from tests.cluster.rotation_support import wait_until
 from tests.haproxy_support import SERVE_HEAD, answers, check_config, start
 
 TOKEN = "relay-test-token"
-SERVE_LIKE = SERVE_HEAD + """frontend http_frontend
+# as Serve's defaults: a client that leaves aborts its request upstream
+SERVE_LIKE = SERVE_HEAD.replace("    timeout server 30s\n", "    timeout server 30s\n"
+                                "    option abortonclose\n") + """frontend http_frontend
     bind 127.0.0.1:{port}
     acl is_tiny path_beg /_m/tiny/
     use_backend tiny if is_tiny
@@ -55,6 +57,7 @@ class Replicas:
         self.ports: list[int] = []  # the port each request came to
         self.cut = "connection"  # or "error_event", or None: streams run to the end
         self.delay = 0.0  # between events
+        self.hold = 0.0  # before a whole answer
         self.abandoned = threading.Event()  # a stream's reader went away
 
     async def handle(self, reader, writer):
@@ -87,6 +90,13 @@ class Replicas:
             await writer.drain()
             return
         if not body.get("stream"):
+            if self.hold:
+                try:  # while it "generates", a reader that left is seen as the end
+                    if not await asyncio.wait_for(reader.read(1), self.hold):
+                        self.abandoned.set()
+                        return
+                except asyncio.TimeoutError:
+                    pass
             out = orjson.dumps({"id": "cmpl-1", "choices": [{"text": "whole"}]})
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                          b"content-length: %d\r\n\r\n%s" % (len(out), out))
@@ -308,3 +318,16 @@ def test_a_replica_that_refuses_is_passed_over_without_haproxy(relay):
             return await asyncio.start_server(replicas.handle, "127.0.0.1", gone)
         replicas.listening[gone] = asyncio.run_coroutine_threadsafe(
             listen(), replicas.loop).result(10)
+
+
+def test_a_client_that_leaves_before_a_whole_answer_stops_the_replica_too(relay):
+    url, replicas, _ = relay
+    replicas.cut, replicas.hold, replicas.requests[:] = None, 20.0, []
+    replicas.abandoned.clear()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", timeout=httpx.Timeout(30, read=1),
+                       json={"model": "tiny", "prompt": "p", "max_tokens": 5})
+        assert replicas.abandoned.wait(10), "the replica kept generating for nobody"
+    finally:
+        replicas.hold = 0.0

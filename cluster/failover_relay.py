@@ -102,8 +102,12 @@ class Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.response is None:
             self.close()  # nothing was asked
-        else:
+            return
+        try:
             self.response.feed(data)
+        except ValueError:  # not HTTP as uvicorn speaks it: as if the connection ended
+            log.warning("relay: a malformed response from %s:%d", *self.server.address)
+            self.close()
 
     def connection_lost(self, exc) -> None:
         self.closed = True

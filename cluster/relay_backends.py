@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DOWN_S = 5.0  # how long a replica that refused or timed out is passed over
-RELOAD_S = 1.0  # how often the config's mtime is looked at
+RELOAD_S = 0.25  # how often the config's mtime is looked at (when requests come)
 
 _ACL = re.compile(r"^\s*acl is_(\S+) path_beg (/\S*?)/?$", re.MULTILINE)
 _BACKEND = re.compile(r"^backend (\S+)\n((?:[ \t].*\n?|\n)*)", re.MULTILINE)

@@ -45,42 +45,7 @@ log = logging.getLogger("hpcserve.relay")
 
 RETRIES = 2  # resends of a cut stream, and other replicas tried for one that never answered
 CONNECT_TIMEOUT_S = 2.0
-PACE_S = 0.01  # with several streams, each stream's replica is read at most this often
-PACE_FROM = 2  # streams in flight from which the relay paces its reads
 _RELAYED = (continuation.RELAYED_HEADER.encode(), b"1")
-
-
-class Pacer:
-    """Reads of the streams in flight, batched to one wake-up per ``PACE_S``.
-
-    Unpaced, the relay wakes for every chunk of every stream; on a node whose cores
-    the engine fills, each wake-up takes a core from the engine (on the 2-core
-    benchmark box the relay cost 0.7 ms of CPU per request but 4-5 % of the
-    engine's throughput).  Paced, a stream's connection is not read again until the
-    next tick, and one tick reads every stream that has data, so the relay wakes
-    ~1/``PACE_S`` times a second however many streams it carries.  A chunk waits at
-    most ``PACE_S`` (the replica already holds text for up to 20 ms to send fewer
-    chunks).  Not paced: one stream alone, and a response until its first text
-    event (the time to first token)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.streams = 0
-        self.held: list[Upstream] = []
-        self.timer: asyncio.TimerHandle | None = None
-
-    def after_read(self, up: Upstream) -> None:
-        if self.streams < PACE_FROM or not up.response.counted:
-            return
-        up.hold(paced=True)
-        self.held.append(up)
-        if self.timer is None:
-            self.timer = self.loop.call_later(PACE_S, self._tick)
-
-    def _tick(self) -> None:
-        held, self.held, self.timer = self.held, [], None
-        for up in held:
-            up.hold(paced=False)
 
 
 def resume_body(request_body: bytes, events: list[bytes], tokens: int) -> bytes | None:
@@ -113,21 +78,11 @@ class Upstream(asyncio.Protocol):
     """A connection to a replica (or HAProxy), one exchange at a time; while it has
     one, it counts among its server's requests in flight."""
 
-    def __init__(self, server: Server, pacer: Pacer):
+    def __init__(self, server: Server):
         self.server = server
-        self.pacer = pacer
         self.transport: asyncio.Transport | None = None
         self.response: Response | None = None
         self.closed = False
-        self.paced = self.blocked = False  # reading stopped: till the next tick, by the client
-
-    def hold(self, paced: bool | None = None, blocked: bool | None = None) -> None:
-        was = self.paced or self.blocked
-        self.paced = self.paced if paced is None else paced
-        self.blocked = self.blocked if blocked is None else blocked
-        now = self.paced or self.blocked
-        if now != was and not self.closed:
-            (self.transport.pause_reading if now else self.transport.resume_reading)()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -153,9 +108,6 @@ class Upstream(asyncio.Protocol):
         except ValueError:  # not HTTP as uvicorn speaks it: as if the connection ended
             log.warning("relay: a malformed response from %s:%d", *self.server.address)
             self.close()
-            return
-        if self.response is not None and self.response.sink is not None:
-            self.pacer.after_read(self)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -201,12 +153,12 @@ class Client(asyncio.Protocol):
             self.task.cancel()
 
     def pause_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.hold(blocked=True)
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.hold(blocked=False)
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         if not self.gone:
@@ -255,7 +207,6 @@ class Relay:
         self.haproxy = Server(*haproxy)  # the way through HAProxy, when no replica is known
         self.key = key
         self.loop = asyncio.get_running_loop()
-        self.pacer = Pacer(self.loop)
 
     async def _connect(self, server: Server) -> tuple[Upstream, bool] | None:
         while server.idle:
@@ -264,7 +215,7 @@ class Relay:
                 return up, True
         try:
             _, up = await asyncio.wait_for(self.loop.create_connection(
-                lambda: Upstream(server, self.pacer), *server.address), CONNECT_TIMEOUT_S)
+                lambda: Upstream(server), *server.address), CONNECT_TIMEOUT_S)
             return up, False
         except (OSError, asyncio.TimeoutError):
             return None
@@ -333,13 +284,10 @@ class Relay:
         attempt = 0
         while True:
             client.upstream = up
-            self.pacer.streams += 1
             try:
                 whole = await response.stream_to(client, events)
             finally:
-                self.pacer.streams -= 1
                 client.upstream = None
-                up.hold(paced=False, blocked=False)
             if client.gone:
                 up.close()
                 return False

@@ -89,7 +89,6 @@ class Response:
         self.events: list[bytes] = []
         self.pending = bytearray()
         self.tokens = tokens
-        self.counted = False  # a text event passed on (it carries a count)
 
     @property
     def is_stream(self) -> bool:
@@ -202,7 +201,7 @@ class Response:
         if block[:1] == b":" or b"\n:" in block:
             block, count = continuation.without_counts(block)
             if count is not None:
-                self.tokens, self.counted = count, True
+                self.tokens = count
         error = block.find(b'data: {"error"')
         engine_lost = error >= 0 and _ENGINE_LOST in block[error:]
         if engine_lost:  # the engine died under a live replica: resume too

@@ -331,3 +331,22 @@ def test_a_client_that_leaves_before_a_whole_answer_stops_the_replica_too(relay)
         assert replicas.abandoned.wait(10), "the replica kept generating for nobody"
     finally:
         replicas.hold = 0.0
+
+
+def test_streams_side_by_side_arrive_whole(relay):
+    """Several streams at once through the one relay process, each on its own
+    upstream connection: each arrives whole, in order, without its counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, replicas, _ = relay
+    replicas.cut, replicas.delay, replicas.requests[:] = None, 0.002, []
+    replicas.ports.clear()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda _: _stream(url, max_tokens=40), range(6)))
+    finally:
+        replicas.delay = 0.0
+    for events, raw in results:
+        assert "".join(e["choices"][0]["text"] for e in events) == "".join(
+            f"w{i} " for i in range(40))
+        assert raw.count(b"data: [DONE]") == 1 and b"\n:" not in raw

@@ -38,7 +38,8 @@ import httptools
 import orjson
 
 from cluster.relay_backends import Server, Servers
-from cluster.relay_stream import LOST_EVENT, LOST_RESPONSE, Request, Response, chunk, response_head
+from cluster.relay_stream import (LOST_EVENT, LOST_RESPONSE, Request, Response, chunk,
+                                  response_head)
 from serve_app import continuation
 
 log = logging.getLogger("hpcserve.relay")

@@ -46,6 +46,9 @@ log = logging.getLogger("hpcserve.relay")
 
 RETRIES = 2  # resends of a cut stream, and other replicas tried for one that never answered
 CONNECT_TIMEOUT_S = 2.0
+# kept-alive connections per replica: as many as streams in flight at the heaviest
+# load (a request that finds none waits for a new connection and the replica's accept)
+IDLE_PER_REPLICA = 512
 _RELAYED = (continuation.RELAYED_HEADER.encode(), b"1")
 
 
@@ -262,7 +265,7 @@ class Relay:
         response = up.response
         up.end()
         if response.keep_alive and not up.closed and not response.buffer \
-                and len(up.server.idle) < 64:
+                and len(up.server.idle) < IDLE_PER_REPLICA:
             up.server.idle.append(up)
         else:
             up.close()

@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import logging
+import socket
 from pathlib import Path
 
 import httptools
@@ -49,7 +50,20 @@ CONNECT_TIMEOUT_S = 2.0
 # kept-alive connections per replica: as many as streams in flight at the heaviest
 # load (a request that finds none waits for a new connection and the replica's accept)
 IDLE_PER_REPLICA = 512
+KEEPALIVE_IDLE_S = 5  # a replica connection silent this long is probed (probe_silent_peer)
 _RELAYED = (continuation.RELAYED_HEADER.encode(), b"1")
+
+
+def probe_silent_peer(sock) -> None:
+    """TCP keepalive probes on a replica connection: a node that dies without a word
+    (power, network) sends no FIN or RST, and a stream would wait on it forever;
+    probed, the connection ends ~``KEEPALIVE_IDLE_S + 3 * 2`` s after its last data
+    and the stream is resumed elsewhere.  A live peer's kernel answers the probes,
+    however long its engine is silent."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def resume_body(request_body: bytes, events: list[bytes], tokens: int) -> bytes | None:
@@ -138,7 +152,7 @@ class Client(asyncio.Protocol):
         self.current = Request()
         self.task: asyncio.Task | None = None
         self.upstream: Upstream | None = None  # being streamed from
-        self.gone = False
+        self.gone = self.paused = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -157,12 +171,23 @@ class Client(asyncio.Protocol):
             self.task.cancel()
 
     def pause_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
+        self.paused = True
+        if self.upstream is not None and not self.upstream.closed:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
+        self.paused = False
+        if self.upstream is not None and not self.upstream.closed:
             self.upstream.transport.resume_reading()
+
+    def read_from(self, up: Upstream | None) -> None:
+        """Stream from ``up`` (None: from no one), reading it only while this client
+        keeps up; a connection left paused is read again (it may go back to the pool)."""
+        if self.upstream is not None and not self.upstream.closed:
+            self.upstream.transport.resume_reading()
+        self.upstream = up
+        if up is not None and self.paused and not up.closed:
+            up.transport.pause_reading()
 
     def write(self, data: bytes) -> None:
         if not self.gone:
@@ -218,8 +243,9 @@ class Relay:
             if not up.closed:
                 return up, True
         try:
-            _, up = await asyncio.wait_for(self.loop.create_connection(
+            transport, up = await asyncio.wait_for(self.loop.create_connection(
                 lambda: Upstream(server), *server.address), CONNECT_TIMEOUT_S)
+            probe_silent_peer(transport.get_extra_info("socket"))
             return up, False
         except (OSError, asyncio.TimeoutError):
             return None
@@ -257,6 +283,9 @@ class Relay:
                 return None
             tried.add(server)
             self.servers.failed(server)
+        if self.haproxy not in tried:  # the last resort, with its health checks
+            tried.update(self.servers.known.values())
+            return await self._exchange(path, raw, tokens, tried)
         return None
 
     @staticmethod
@@ -265,7 +294,7 @@ class Relay:
         response = up.response
         up.end()
         if response.keep_alive and not up.closed and not response.buffer \
-                and len(up.server.idle) < IDLE_PER_REPLICA:
+                and up.transport.is_reading() and len(up.server.idle) < IDLE_PER_REPLICA:
             up.server.idle.append(up)
         else:
             up.close()
@@ -287,11 +316,11 @@ class Relay:
         events: list[bytes] = []
         attempt = 0
         while True:
-            client.upstream = up
+            client.read_from(up)
             try:
                 whole = await response.stream_to(client, events)
             finally:
-                client.upstream = None
+                client.read_from(None)
             if client.gone:
                 up.close()
                 return False
@@ -315,7 +344,7 @@ class Relay:
                 continuation.SIGNATURE_HEADER.encode(),
                 continuation.sign(self.key, resumed).encode())])
             exchange = await self._exchange(request.url, raw, response.tokens, tried)
-            if exchange is None or exchange[1].status != 200:
+            if exchange is None or not exchange[1].is_stream:
                 if exchange is not None:
                     exchange[0].close()
                 client.write(chunk(LOST_EVENT) + b"0\r\n\r\n")
@@ -324,11 +353,11 @@ class Relay:
 
     async def _pass_whole(self, up: Upstream, response: Response, client: Client) -> bool:
         """A response that is not a stream: passed on once whole."""
-        client.upstream = up
+        client.read_from(up)
         try:
             whole = await response.collect()
         finally:
-            client.upstream = None
+            client.read_from(None)
         if not whole:
             up.close()
             client.write(LOST_RESPONSE)

@@ -26,7 +26,8 @@ RELOAD_S = 0.25  # how often the config's mtime is looked at (when requests come
 
 _ACL = re.compile(r"^\s*acl is_(\S+) path_beg (/\S*?)/?$", re.MULTILINE)
 _BACKEND = re.compile(r"^backend (\S+)\n((?:[ \t].*\n?|\n)*)", re.MULTILINE)
-_SERVER = re.compile(r"^\s*server (\S+) \[?([^\s\]]+?)\]?:(\d+)\b(.*)$", re.MULTILINE)
+# host:port split at the last colon (an IPv6 host is written without brackets)
+_SERVER = re.compile(r"^\s*server (\S+) (\S+):(\d+)\b(.*)$", re.MULTILINE)
 
 
 @dataclass(eq=False)
@@ -48,7 +49,8 @@ def parse(config: str) -> dict[str, list[tuple[str, int]]]:
     """Route prefix (``/_m/<model>``) to its backend's server addresses, backups left out."""
     servers = {}
     for name, body in _BACKEND.findall(config):
-        servers[name] = [(host, int(port)) for _, host, port, rest in _SERVER.findall(body)
+        servers[name] = [(host.strip("[]"), int(port))
+                         for _, host, port, rest in _SERVER.findall(body)
                          if " backup" not in rest and " track " not in f" {rest} "]
     routes = {}
     for name, prefix in _ACL.findall(config):
@@ -73,7 +75,8 @@ class Servers:
             return
         self._checked = now
         try:
-            mtime = self.path.stat().st_mtime_ns
+            stat = self.path.stat()
+            mtime = stat.st_mtime_ns, stat.st_size  # a rewrite in place can keep the mtime
             if mtime == self._mtime:
                 return
             text = self.path.read_text()

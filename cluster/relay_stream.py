@@ -125,7 +125,10 @@ class Response:
                 self.keep_alive = b"close" not in value.lower() and (
                     self.keep_alive or b"keep-alive" in value.lower())
             self.headers.append((name, value))
-        if not self.chunked and self.length is None:
+        if self.status in (204, 304) or 100 <= self.status < 200:
+            self.length = 0  # no body, whatever the headers say
+            self.chunked = False
+        elif not self.chunked and self.length is None:
             self.keep_alive = False  # its end is the connection's
 
     def lost(self) -> None:
@@ -153,8 +156,9 @@ class Response:
     def _body(self) -> None:
         buf = self.buffer
         if not self.chunked:
-            self.body += buf
-            buf.clear()
+            take = len(buf) if self.length is None else self.length - len(self.body)
+            self.body += buf[:take]
+            del buf[:take]  # what follows is not this response's (and the connection not reused)
             if self.length is not None and len(self.body) >= self.length:
                 self._finish(True)
             elif self.eof:
@@ -164,7 +168,13 @@ class Response:
             line_end = buf.find(b"\r\n")
             if line_end < 0:
                 break
-            size = int(bytes(buf[:line_end]).split(b";", 1)[0], 16)
+            try:
+                size = int(bytes(buf[:line_end]).split(b";", 1)[0], 16)
+            except ValueError:  # not chunked framing: the stream is lost from here
+                buf.clear()
+                self.keep_alive = False
+                self._finish(False)
+                return
             if size == 0:  # the last chunk; then the trailer section, ended by CRLF
                 end = buf.find(b"\r\n\r\n", line_end)
                 if end < 0 and buf[line_end:line_end + 4] != b"\r\n\r\n":

@@ -58,13 +58,16 @@ class Replicas:
         self.cut = "connection"  # or "error_event", or None: streams run to the end
         self.delay = 0.0  # between events
         self.hold = 0.0  # before a whole answer
+        self.accepted = 0  # connections
         self.abandoned = threading.Event()  # a stream's reader went away
 
     async def handle(self, reader, writer):
+        self.accepted += 1
         try:
-            await self._answer(reader, writer)
+            while await self._answer(reader, writer):
+                pass  # kept alive, as uvicorn does
         finally:
-            writer.close()  # one request per connection
+            writer.close()
 
     async def _answer(self, reader, writer):
         msg = {"headers": {}, "body": b"", "done": False}
@@ -101,7 +104,7 @@ class Replicas:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                          b"content-length: %d\r\n\r\n%s" % (len(out), out))
             await writer.drain()
-            return
+            return True
         relayed = continuation.RELAYED_HEADER in msg["headers"]
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                      b"transfer-encoding: chunked\r\n\r\n")
@@ -137,6 +140,7 @@ class Replicas:
         done = b"data: [DONE]\n\n"
         writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
         await writer.drain()
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -350,3 +354,27 @@ def test_streams_side_by_side_arrive_whole(relay):
         assert "".join(e["choices"][0]["text"] for e in events) == "".join(
             f"w{i} " for i in range(40))
         assert raw.count(b"data: [DONE]") == 1 and b"\n:" not in raw
+
+
+def test_connections_to_the_replicas_are_kept_and_used_again(relay):
+    url, replicas, _ = relay
+    replicas.cut, replicas.requests[:] = None, []
+    replicas.accepted = 0
+    for _ in range(3):
+        events, _raw = _stream(url, max_tokens=3)
+        assert len(events) == 3
+        whole = httpx.post(url + "/v1/completions", timeout=30,
+                           json={"model": "tiny", "prompt": "p", "max_tokens": 3})
+        assert whole.json()["choices"][0]["text"] == "whole"
+    assert len(replicas.requests) == 6 and replicas.accepted <= 2  # one per replica at most
+
+
+def test_a_replica_connection_is_probed_so_a_silent_dead_node_ends_it():
+    import socket
+
+    from cluster.failover_relay import KEEPALIVE_IDLE_S, probe_silent_peer
+    with socket.socket() as sock:
+        probe_silent_peer(sock)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3

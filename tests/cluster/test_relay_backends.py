@@ -46,6 +46,8 @@ backend hpcserve
 
 def test_each_model_route_maps_to_its_replicas_without_backups():
     assert parse(CONFIG) == {"/_m/tiny": [("127.0.0.1", 30001), ("10.0.0.7", 30002)]}
+    ipv6 = CONFIG.replace("10.0.0.7:30002", "fd00::5:30002")  # as Serve writes it
+    assert parse(ipv6)["/_m/tiny"][1] == ("fd00::5", 30002)
 
 
 def test_a_replica_that_failed_is_passed_over_and_the_least_busy_picked(tmp_path):

@@ -104,3 +104,22 @@ def test_a_whole_response_is_collected_by_its_length_and_a_lost_head_is_no_answe
     assert complete is True and whole.status == 400 and bytes(whole.body) == b'{"error":1}'
     assert whole.keep_alive
     assert never.head.result() is False
+
+
+def test_a_body_is_its_length_a_204_has_none_and_bad_framing_is_a_cut():
+    async def run():
+        loop = asyncio.get_running_loop()
+        longer = Response(loop)
+        longer.feed(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA")
+        await longer.collect()
+        empty = Response(loop)
+        empty.feed(b"HTTP/1.1 204 No Content\r\ncontent-type: text/plain\r\n\r\n")
+        await empty.collect()
+        bad = Response(loop)
+        bad.feed(HEAD + b"zz\r\ndata: x\n\n\r\n")
+        bad.stream_to(Sink(), [])
+        return longer, empty, bad, await bad.done
+    longer, empty, bad, whole = asyncio.run(run())
+    assert bytes(longer.body) == b"ok" and bytes(longer.buffer) == b"EXTRA"  # not this one's
+    assert empty.done.result() is True and not empty.body
+    assert whole is False and not bad.keep_alive

@@ -172,13 +172,11 @@ class Client(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        if self.upstream is not None and not self.upstream.closed:
-            self.upstream.transport.pause_reading()
+        self._keep_pace()
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.upstream is not None and not self.upstream.closed:
-            self.upstream.transport.resume_reading()
+        self._keep_pace()
 
     def read_from(self, up: Upstream | None) -> None:
         """Stream from ``up`` (None: from no one), reading it only while this client
@@ -186,8 +184,13 @@ class Client(asyncio.Protocol):
         if self.upstream is not None and not self.upstream.closed:
             self.upstream.transport.resume_reading()
         self.upstream = up
-        if up is not None and self.paused and not up.closed:
-            up.transport.pause_reading()
+        self._keep_pace()
+
+    def _keep_pace(self) -> None:
+        """The replica's connection is read only while this client takes what it sends."""
+        up = self.upstream
+        if up is not None and not up.closed:
+            (up.transport.pause_reading if self.paused else up.transport.resume_reading)()
 
     def write(self, data: bytes) -> None:
         if not self.gone:
@@ -227,7 +230,6 @@ class Client(asyncio.Protocol):
             self.transport.close()
         finally:
             self.task = None
-
 
 
 class Relay:

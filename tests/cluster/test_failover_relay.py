@@ -338,8 +338,8 @@ def test_a_client_that_leaves_before_a_whole_answer_stops_the_replica_too(relay)
 
 
 def test_streams_side_by_side_arrive_whole(relay):
-    """Several streams at once through the one relay process, each on its own
-    upstream connection: each arrives whole, in order, without its counts."""
+    """Several streams at once through the one relay process: each arrives whole,
+    in order, without its counts."""
     from concurrent.futures import ThreadPoolExecutor
 
     url, replicas, _ = relay

@@ -63,6 +63,22 @@ def proc_snapshot() -> dict[int, tuple[int, float, str]]:
     return out
 
 
+def with_descendants(snap: dict[int, tuple[int, float, str]], marked: dict[int, bool]) -> dict[int, bool]:
+    """``marked`` and every descendant of its processes, each with its ancestor's mark."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in snap.items():
+        children.setdefault(ppid, []).append(pid)
+    out = dict(marked)
+    todo = list(out)
+    while todo:
+        pid = todo.pop()
+        for c in children.get(pid, ()):
+            if c not in out:
+                out[c] = out[pid]
+                todo.append(c)
+    return out
+
+
 # an engine replica's process title: in the app, or in a model's own app (`hpcserve.m.X`)
 ENGINE_REPLICA = re.compile(r"ServeReplica:hpcserve(\.m\.[^:]+)?:engine-")
 
@@ -127,17 +143,7 @@ class CpuAccount:
         marks = [str(head.get("temp_dir") or "\0"), str(head.get("gcs_address") or "\0")]
         ours = {pid: side for pid, side in roots.items() if pid in snap}
         ours.update({pid: False for pid, (_, _, cmd) in snap.items() if any(m in cmd for m in marks)})
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in snap.items():
-            children.setdefault(ppid, []).append(pid)
-        todo = list(ours)
-        while todo:
-            pid = todo.pop()
-            for c in children.get(pid, ()):
-                if c not in ours:
-                    ours[c] = ours[pid]
-                    todo.append(c)
-        return ours
+        return with_descendants(snap, ours)
 
     def start(self) -> None:
         self.before = proc_snapshot()

@@ -29,14 +29,10 @@ from cluster.bench.cpu import ENGINE_REPLICA, CpuAccount, proc_snapshot, with_de
 ALLOCATION = "cluster.providers.local_job"  # a local allocation's job: an engine node
 
 
-def allowed_cores() -> set[int]:
-    return os.sched_getaffinity(0)
-
-
 def parse_cores(text: str) -> set[int]:
     """``--engine-cores``: cores this process may use, leaving it at least one."""
     cores = {int(c) for c in text.split(",") if c.strip()}
-    allowed = allowed_cores()
+    allowed = os.sched_getaffinity(0)
     if not cores or not cores < allowed:
         raise ValueError(f"--engine-cores {text}: give some of the cores {sorted(allowed)}, "
                          "leaving at least one for the head")
@@ -66,7 +62,7 @@ def pin(cpu: CpuAccount, engine_cores: set[int]) -> dict[str, list[int]]:
     """Each side's engine node on ``engine_cores``, everything else of both sides and
     this thread (and the client it starts) on the other allowed cores; the PIDs
     pinned, by role."""
-    rest = allowed_cores() - engine_cores
+    rest = os.sched_getaffinity(0) - engine_cores
     if not engine_cores or not rest:
         raise ValueError(f"--engine-cores {sorted(engine_cores)} must leave a core for the head")
     snap = proc_snapshot()

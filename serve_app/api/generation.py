@@ -97,17 +97,30 @@ def to_generate(kind: str, body, cfg: ModelConfig, request_id: str) -> GenerateR
     return GenerateRequest(prompt=body.prompt_text(), **common)
 
 
-def _resume(req: GenerateRequest, resumed, streamed: bool) -> GenerateRequest:
+def _resume(req: GenerateRequest, resumed, streamed: bool) -> tuple[GenerateRequest, bool]:
     """The request continuing a stream another replica began (``serve_app.continuation``):
-    its text follows the prompt, and the tokens it counted come off the budget."""
+    its text follows the prompt, and the tokens it counted come off the budget; and
+    whether that budget is spent (``_only_the_end``)."""
     if not streamed:
         raise APIError(400, "hpcserve.continuation resumes a stream of a model, not a "
                        "whole response or a workflow.", param="hpcserve.continuation",
                        code="invalid_request")
     budget = req.sampling.max_tokens
+    left = None if budget is None else budget - resumed.tokens
     sampling = req.sampling.model_copy(update={
-        "max_tokens": None if budget is None else max(1, budget - resumed.tokens)})
-    return req.model_copy(update={"continuation": resumed.text, "sampling": sampling})
+        "max_tokens": None if left is None else max(1, left)})
+    return (req.model_copy(update={"continuation": resumed.text, "sampling": sampling}),
+            left is not None and left <= 0)
+
+
+async def _only_the_end(stream: AsyncIterator[list[GenerateDelta]]):
+    """A resumed stream whose ``max_tokens`` the client already has (it was cut between
+    its last token and the chunk that ends it): the engine is asked for one token, for
+    the prompt's count, and none of it is sent; the stream ends ``length``."""
+    async with aclosing(stream):
+        async for deltas in stream:
+            yield [GenerateDelta(usage=d.usage, finish_reason=d.finish_reason and "length")
+                   for d in deltas]
 
 
 def max_tokens_of(body) -> int | None:
@@ -122,8 +135,9 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
     resumed = body.hpcserve.continuation if body.hpcserve is not None else None
     if workflow is not None and body.hpcserve is not None:
         req.extras[EXTENSION] = body.hpcserve.model_dump(exclude={"continuation"})
+    spent = False
     if resumed is not None:
-        req = _resume(req, resumed, bool(body.stream and workflow is None))
+        req, spent = _resume(req, resumed, bool(body.stream and workflow is None))
         framer = ResponseFramer(kind, body.model, resumed.id, resumed.created)
     else:
         framer = ResponseFramer(kind, body.model)
@@ -132,6 +146,7 @@ async def serve_generation(server, ctx: RequestContext, kind: str) -> Response:
     check_available(server, body.model)
     if workflow is None:
         stream = server._engine_stream(req)
+        stream = _only_the_end(stream) if spent else stream
     else:  # its steps' tokens count even if the request ends before its final step
         stream = server._workflow_stream(req, lambda usage: setattr(ctx, "usage", usage))
     first = await first_answer(server, body.model, _first(stream), wait_s, stream.aclose)

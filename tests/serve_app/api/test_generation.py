@@ -82,3 +82,29 @@ def test_an_engine_lost_under_a_relayed_stream_is_left_to_the_resuming_replica()
     assert b'"code":"engine_unavailable"' in raw and ctx.state[continuation.HANDED_OVER]
     _, plain_ctx = _run(fail=True)  # not relayed: nobody resumes it, it is accounted here
     assert continuation.HANDED_OVER not in plain_ctx.state
+
+
+def test_a_stream_cut_after_its_last_token_is_resumed_with_only_its_end():
+    """The client has all ``max_tokens`` tokens but not the chunk that ends the stream:
+    the resuming replica sends no more text (not one token over), only that end."""
+    from serve_app.api.generation import _only_the_end, _resume
+    from serve_app.protocol import GenerateRequest, SamplingParams
+    resumed = Continuation(text="Once upon", id="chatcmpl-first", created=11, tokens=3)
+    request = GenerateRequest(request_id="r", model="m", prompt="p",
+                              sampling=SamplingParams(max_tokens=3))
+    asked, spent = _resume(request, resumed, streamed=True)
+    assert spent and asked.sampling.max_tokens == 1  # one token asked, for the prompt's count
+    assert _resume(request, resumed.model_copy(update={"tokens": 2}), True)[1] is False
+    ctx = _ctx()
+
+    async def run():
+        rest = _only_the_end(_engine())
+        first = await anext(rest)
+        stream = _sse(ctx, ResponseFramer("chat", "m", "chatcmpl-first", 11), first, rest,
+                      True, False, False, resumed, False)
+        return b"".join([chunk async for chunk in stream])
+    events = _data(asyncio.run(run()))
+    assert [c["delta"] for e in events for c in e["choices"]] in ([{}], [{"content": ""}])
+    assert [c["finish_reason"] for e in events for c in e["choices"]] == ["length"]
+    assert events[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (7, 3)

@@ -11,6 +11,7 @@ from serve_app.config import ConfigError
 
 
 def _cmd_up(args) -> int:
+    from cluster.model_routes import relayed_models
     from cluster.service import StartBlocked, home_dir, up
     try:
         head = up(args.config, home_dir(args.home), wait=not args.no_wait,
@@ -26,10 +27,13 @@ def _cmd_up(args) -> int:
         print(f"hpcserve: {err}\nThe service keeps starting: `hpcserve status` shows where it "
               "is, `hpcserve down` stops it.", file=sys.stderr)
         return 1
+    relayed = relayed_models(head)
+    relay = (f"\nrelay:     {head.relay_metrics_url} (mid-stream failover: "
+             f"{', '.join(relayed)})") if relayed else ""
     print(f"\nendpoint:  {head.http_url}/v1\ndashboard: {head.dashboard_url}"
           f"\nmetrics:   {head.metrics_url} (head); all nodes:"
           f" Prometheus file_sd {head.prometheus_file_sd}"
-          f"\ncontrol:   {head.control_metrics_url} (the pools' decisions)"
+          f"\ncontrol:   {head.control_metrics_url} (the pools' decisions){relay}"
           f"\nupdate:    serve deploy {home_dir(args.home)}/run/serve.yaml -a {head.dashboard_url}"
           " (RAY_AUTH_TOKEN_PATH=" + head.token_path + ")")
     return 0
@@ -76,12 +80,15 @@ def _cmd_deploy(args) -> int:
     from cluster.batches import set_batch_paths
     set_batch_paths(config, home)
     head = HeadInfo.load(run_dir_of(home))
-    for change in ingress_mode_changes(serve_status(head), config.serve):
-        print(f"hpcserve: note: {change}", file=sys.stderr)
     import yaml
 
     from cluster import model_routes
-    serve_config = model_routes.publish(head, config.serve)
+    decided, failover_on = model_routes.with_failover(head, config)
+    for change in ingress_mode_changes(serve_status(head), decided):
+        print(f"hpcserve: note: {change}", file=sys.stderr)
+    if failover_on:
+        print(f"hpcserve: note: {model_routes.failover_note(failover_on)}", file=sys.stderr)
+    serve_config = model_routes.publish(head, decided)
     (run_dir_of(home) / "serve.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
     deploy_serve(head, serve_config)
     print("deployed")

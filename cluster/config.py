@@ -75,6 +75,12 @@ class PoolConfig(_Strict):
     resources: dict[str, float] = Field(default_factory=lambda: {"hpc_slot": 1.0})
     provider_options: dict[str, Any] = Field(default_factory=dict, description=(
         "the provider's own settings, typed per provider (docs/configuration.md)"))
+    shares_head_cores: bool | None = Field(default=None, description=(
+        "whether this pool's allocations run on the cores the head runs on; default: "
+        "yes for the local provider (its jobs run on the head's machine), no for slurm "
+        "and heappe (their jobs run on compute nodes; say yes for a cluster whose nodes "
+        "include the head's). Where no pool does, `failover: auto` turns mid-stream "
+        "failover on: the relay's CPU is then the head's own"))
     worker_env: dict[str, str] = Field(default_factory=dict, description=(
         "extra environment for the worker job (e.g. HPCSERVE_NODE_IP: auto-loopback "
         "when several jobs share one machine)"))
@@ -92,6 +98,8 @@ class PoolConfig(_Strict):
     def _check(self) -> "PoolConfig":
         if self.max_allocations is None:
             self.max_allocations = max(self.min_allocations, 1)
+        if self.shares_head_cores is None:
+            self.shares_head_cores = self.provider == "local"
         if self.max_allocations < self.min_allocations:
             raise ValueError("max_allocations must be >= min_allocations")
         if self.warning_s >= self.walltime_s:
@@ -318,7 +326,7 @@ def ingress_mode_changes(serve_status: dict[str, Any], serve_config: dict[str, A
                              if app.get("deployed_app_config")], running=True)
     return [f"app {name!r}: ingress {running[name]} -> {mode}"
             + (" (mid-stream failover on replica crashes is off but for models with "
-               "failover: true)" if mode == "direct"
+               "failover on)" if mode == "direct"
                else " (one hop more per token; failover on replica crashes)")
             for name, mode in ingress_modes(serve_config.get("applications") or []).items()
             if name in running and running[name] != mode]

@@ -22,7 +22,8 @@ on uvloop's protocols: a replica's chunk is handled in the callback that reads i
 and take out the token counts the replica adds for it, and JSON is parsed only when
 it resends.  A client that reads slowly pauses the replica's connection.
 
-It listens on loopback only; HAProxy starts it (``cluster.haproxy_guard``) and the
+It listens on loopback only, and answers ``GET /metrics`` there too
+(``cluster.relay_metrics``); HAProxy starts it (``cluster.haproxy_guard``) and the
 head's ``down`` stops it with the head's session.
 """
 
@@ -38,6 +39,7 @@ from pathlib import Path
 import httptools
 import orjson
 
+from cluster import relay_metrics
 from cluster.relay_backends import Server, Servers
 from cluster.relay_stream import (LOST_EVENT, LOST_RESPONSE, Request, Response, chunk,
                                   response_head)
@@ -252,8 +254,8 @@ class Relay:
         except (OSError, asyncio.TimeoutError):
             return None
 
-    async def _exchange(self, path: bytes, raw: bytes, tokens: int,
-                        tried: set[Server]) -> tuple[Upstream, Response] | None:
+    async def _exchange(self, path: bytes, raw: bytes, tokens: int, tried: set[Server],
+                        stats: relay_metrics.ModelStats) -> tuple[Upstream, Response] | None:
         """Send ``raw`` to a replica for ``path`` (a new one to ``tried``; HAProxy when
         none is left), and the exchange once the response's head is in; None if no
         one answered.  A replica that refused or closed before answering is passed
@@ -285,9 +287,10 @@ class Relay:
                 return None
             tried.add(server)
             self.servers.failed(server)
+            stats.passed_over.inc()
         if self.haproxy not in tried:  # the last resort, with its health checks
             tried.update(self.servers.known.values())
-            return await self._exchange(path, raw, tokens, tried)
+            return await self._exchange(path, raw, tokens, tried, stats)
         return None
 
     @staticmethod
@@ -305,15 +308,22 @@ class Relay:
         """Answer one request; False when the client connection is to be closed.  An
         upstream connection left unfinished (the client went away) is closed, so
         its replica stops generating."""
+        if request.url == relay_metrics.PATH:
+            client.write(relay_metrics.response())
+            return True
+        stats = relay_metrics.stats_for(request.url)
+        stats.requests.inc()
         body = bytes(request.body)
         tried: set[Server] = set()
-        exchange = await self._exchange(request.url, request.to(body, [_RELAYED]), 0, tried)
+        exchange = await self._exchange(request.url, request.to(body, [_RELAYED]), 0, tried,
+                                        stats)
         if exchange is None:
+            stats.lost.inc()
             client.write(LOST_RESPONSE)
             return False
         up, response = exchange
         if not response.is_stream:
-            return await self._pass_whole(up, response, client)
+            return await self._pass_whole(up, response, client, stats)
         client.write(response_head(response.status, response.headers, True))
         events: list[bytes] = []
         attempt = 0
@@ -335,25 +345,30 @@ class Relay:
             if resumed is None or self.key is None or attempt >= RETRIES:
                 # it had finished (nothing lost: end it well), or cannot be resumed
                 done = any(b"data: [DONE]" in e for e in events)
+                if resumed is not None:
+                    stats.lost.inc()
                 tail = b"" if done else chunk(LOST_EVENT if resumed else b"data: [DONE]\n\n")
                 client.write(tail + b"0\r\n\r\n")
                 return False
             attempt += 1
+            stats.resumed.inc()
             log.warning("relay: stream %s cut after %d tokens; resuming on another "
                         "replica (%d of %d)", request.url.decode(errors="replace"),
                         response.tokens, attempt, RETRIES)
             raw = request.to(resumed, [_RELAYED, (
                 continuation.SIGNATURE_HEADER.encode(),
                 continuation.sign(self.key, resumed).encode())])
-            exchange = await self._exchange(request.url, raw, response.tokens, tried)
+            exchange = await self._exchange(request.url, raw, response.tokens, tried, stats)
             if exchange is None or not exchange[1].is_stream:
                 if exchange is not None:
                     exchange[0].close()
+                stats.lost.inc()
                 client.write(chunk(LOST_EVENT) + b"0\r\n\r\n")
                 return False
             up, response = exchange
 
-    async def _pass_whole(self, up: Upstream, response: Response, client: Client) -> bool:
+    async def _pass_whole(self, up: Upstream, response: Response, client: Client,
+                          stats: relay_metrics.ModelStats) -> bool:
         """A response that is not a stream: passed on once whole."""
         client.read_from(up)
         try:
@@ -362,6 +377,7 @@ class Relay:
             client.read_from(None)
         if not whole:
             up.close()
+            stats.lost.inc()
             client.write(LOST_RESPONSE)
             return False
         self._release(up)

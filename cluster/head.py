@@ -118,6 +118,11 @@ class HeadInfo:
     def control_metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.control_metrics_port}/metrics"
 
+    @property
+    def relay_metrics_url(self) -> str:
+        """The failover relay's counters (``cluster.relay_metrics``), on its own port."""
+        return f"http://127.0.0.1:{self.env.get('HPCSERVE_RELAY_PORT')}/metrics"
+
     def save(self, run_dir: Path) -> None:
         (run_dir / "head.json").write_text(json.dumps(asdict(self), indent=2))
 

@@ -111,6 +111,8 @@ def _role(name: str, host: str, port: int, head: HeadInfo,
         return "Ray dashboard agent", ray_auth
     if "cluster.control" in name and port == head.control_metrics_port:
         return "hpcserve control-plane metrics", "none"
+    if "cluster.failover_relay" in name:
+        return "hpcserve failover relay (HAProxy's; /metrics)", "none"
     if "zmq_engine" in name:
         return "hpcserve ZMQ engine", "none"
     if port == int(head.dashboard_url.rsplit(":", 1)[1]):

@@ -6,7 +6,7 @@ replicas answering HTTP themselves, as with ``ingress: direct``), the rules belo
 read the request's ``model`` from the JSON body and prefix the path with that
 model's route, so OpenAI clients keep calling ``/v1/...`` and every model gets the
 one-hop data path.  Anything the rules do not recognise -- a model without an app
-of its own (workflows, models that want mid-stream failover), a body that names
+of its own (workflows, models that may scale to zero), a body that names
 its model after HAProxy's buffer, a GET -- keeps its path and reaches the router application at
 ``/``, which serves everything.
 
@@ -140,15 +140,73 @@ def split_apps(serve_config: dict, relay: bool = True) -> tuple[dict, list[str],
     return out, routed, failover
 
 
+def failover_by_default(pools, relay: bool) -> bool:
+    """What ``failover: auto`` stands for: on where the relay can sign continuations and
+    no pool's engines share the head's cores (``PoolConfig.shares_head_cores``).
+
+    Why by layout: the relay costs the head's CPU, ~0.7 ms per request.  With the
+    head on cores of its own (a service node; the engines on compute nodes) the
+    relay path met every target against bare vLLM at every step; where the head
+    shares the engine's two cores it took that CPU from decoding and missed 4 of 7
+    steps (docs/benchmarks.md, "Mid-stream failover through the relay")."""
+    return relay and not any(pool.shares_head_cores for pool in pools)
+
+
+def decide_failover(serve_config: dict, on: bool) -> tuple[dict, list[str]]:
+    """Serve's config with each hpcserve app's ``failover: auto`` (the default) written
+    as ``on`` for its generation models, off for embedding models (they do not
+    stream); and the models it turned on."""
+    from cluster.config import APP_IMPORT_PATH
+
+    out, turned_on = {**serve_config, "applications": []}, []
+    for app in serve_config.get("applications") or []:
+        models = (app.get("args") or {}).get("models")
+        if app.get("import_path") == APP_IMPORT_PATH and isinstance(models, list):
+            decided = []
+            for model in models:
+                if isinstance(model, dict) and model.get("failover", "auto") == "auto":
+                    generates = model.get("task", "generate") == "generate"
+                    model = {**model, "failover": on and generates}
+                    turned_on += [model.get("name")] if model["failover"] else []
+                decided.append(model)
+            app = {**app, "args": {**app["args"], "models": decided}}
+        out["applications"].append(app)
+    return out, turned_on
+
+
+def failover_note(models: list[str]) -> str:
+    return (f"mid-stream failover on for {', '.join(models)} (failover: auto; no pool "
+            "shares the head's cores), through the head's failover relay")
+
+
+def relay_enabled(head) -> bool:
+    """Whether ``head`` runs the failover relay and the relay can sign (Ray's token)."""
+    return head.env.get("RAY_AUTH_MODE") == "token" and "HPCSERVE_RELAY_PORT" in head.env
+
+
+def with_failover(head, config) -> tuple[dict, list[str]]:
+    """``decide_failover`` for ``config`` (an ``HpcserveConfig``) deployed on ``head``."""
+    return decide_failover(config.serve, failover_by_default(config.cluster.pools,
+                                                             relay_enabled(head)))
+
+
 def haproxy_dir(head) -> Path:
     """Where Serve writes HAProxy's config on this head (the guard reads the map there)."""
     return Path(head.env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
 
 
+def relayed_models(head) -> list[str]:
+    """The models HAProxy on ``head`` sends through the failover relay now (its map)."""
+    try:
+        text = (haproxy_dir(head) / FAILOVER_MAP_FILE).read_text()
+    except (OSError, KeyError):
+        return []
+    return [line.split(" ", 1)[0] for line in text.splitlines() if line.strip()]
+
+
 def publish(head, serve_config: dict) -> dict:
     """``split_apps`` for a deploy to ``head``, with the model map written first so
     the HAProxy that the deploy (re)starts routes by it; the config to deploy."""
-    relay = head.env.get("RAY_AUTH_MODE") == "token" and "HPCSERVE_RELAY_PORT" in head.env
-    split, models, failover = split_apps(serve_config, relay)
+    split, models, failover = split_apps(serve_config, relay_enabled(head))
     write_map(haproxy_dir(head), models, failover)
     return split

@@ -80,7 +80,10 @@ def up(config_path: str | None, home: Path, wait: bool = True, timeout_s: float 
     progress(f"ray head up ({time.monotonic() - t0:.1f}s): gcs {head.gcs_address}, "
              f"dashboard {head.dashboard_url}")
     control_pid = start_control(run_dir, head)
-    serve_config = model_routes.publish(head, config.serve)  # apps of their own, HAProxy's map
+    decided, failover_on = model_routes.with_failover(head, config)
+    if failover_on:
+        progress(model_routes.failover_note(failover_on))
+    serve_config = model_routes.publish(head, decided)  # apps of their own, HAProxy's map
     (run_dir / "serve.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
     deploy_serve(head, serve_config)
     progress(f"serve config deployed; control loop supervisor pid {control_pid}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from cluster.config import access_store_of, load_run_config
 from cluster.head import HeadInfo, serve_status
 from cluster.listening import listeners
+from cluster.model_routes import relayed_models
 from cluster.policy import budget_left_s
 from cluster.service import run_dir_of
 from cluster.state import StateStore
@@ -44,6 +45,7 @@ def collect(home: Path) -> dict:
         out["serve_error"] = str(err)
         apps = {}
     out["applications"] = {}
+    out["failover_models"] = relayed_models(head)
     for name, app in apps.items():
         deployments = {}
         for dep_name, dep in (app.get("deployments") or {}).items():
@@ -148,6 +150,9 @@ def render(s: dict) -> str:
         for dep, d in info["deployments"].items():
             where = ", ".join(f"{r['state']}@{r['node_ip']}" for r in d["replicas"]) or "-"
             lines.append(f"  {dep:24} {d['status']:10} {where}")
+    if s.get("failover_models"):
+        lines += ["", "mid-stream failover (through the head's relay): "
+                  + ", ".join(s["failover_models"])]
     if s.get("access"):
         lines += [""] + [render_access(h) for h in s["access"]]
     if s.get("ports"):

@@ -75,12 +75,15 @@ class ModelConfig(_Strict):
         "batch job queued) before a 503 model_starting with Retry-After; enforced by "
         "the routed ingress (`auto` picks it for a model with autoscaling.min_replicas "
         "0; `direct` is refused for such a model)"))
-    failover: bool = Field(default=False, description=(
+    failover: bool | Literal["auto"] = Field(default="auto", description=(
         "a stream whose engine replica dies mid-stream continues on another replica "
         "from the text already sent: on `ingress: direct` (or `auto`) through the head's "
         "failover relay (the model gets an application of its own and HAProxy sends its "
         "requests through the relay; needs the Ray auth token, the default), on "
-        "`routed` through the ingress"))
+        "`routed` through the ingress. auto: on for a generation model where no pool "
+        "shares the head's cores (pools.shares_head_cores: SLURM and HEAppE pools by "
+        "default), off where one does (the local provider); `hpcserve up`/`deploy` "
+        "decide it, and a config deployed with `serve deploy` alone reads it as off"))
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
@@ -130,7 +133,7 @@ class AppConfig(_Strict):
         default="auto", description="routed: one ingress replica on the head routes to the "
         "engines and retries a failed stream on another replica; direct: the engine replicas "
         "answer HTTP themselves (one hop less; mid-stream failover only for models with "
-        "failover: true, through the head's relay; with several models, workflows or "
+        "failover on, through the head's relay; with several models, workflows or "
         "failover each always-on model gets an application of its own that HAProxy "
         "routes to by the request's model, and the app itself serves the rest); auto: "
         "direct while some model is always-on, routed otherwise")
@@ -246,7 +249,7 @@ class AppConfig(_Strict):
         failover (the relay reaches it at its route), every model that cannot scale
         to zero (the router holds a cold model's requests, bounded)."""
         if self.ingress_mode != "direct" or (len(self.models) == 1 and not self.workflows
-                                              and not self.models[0].failover):
+                                              and self.models[0].failover is not True):
             return []
         return self._splittable()
 
@@ -254,7 +257,7 @@ class AppConfig(_Strict):
     def failover_models(self) -> list[str]:
         """The models of an application of their own whose requests HAProxy sends
         through the failover relay (``cluster.failover_relay``)."""
-        failover = {m.name for m in self.models if m.failover}
+        failover = {m.name for m in self.models if m.failover is True}  # "auto": decided
         return [m for m in self.own_app_models if m in failover]
 
     def load_api_keys(self) -> list[str]:

@@ -20,6 +20,7 @@ ROUTE_PREFIX = "/_m/"
 LAYOUT_ARG = "_layout"  # set by hpcserve in a generated or split app's args
 LEDGER_DEPLOYMENT = "access-ledger"
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
+_ESCAPED = re.compile(r"(?:_[0-9a-f]{2})+")
 
 
 def safe_name(model: str) -> str:
@@ -27,6 +28,12 @@ def safe_name(model: str) -> str:
     ``_`` too): usable in a path, an HAProxy backend and a Serve app name, and two
     distinct names stay distinct."""
     return _UNSAFE.sub(lambda m: "".join(f"_{b:02x}" for b in m[0].encode()), model)
+
+
+def model_name(safe: str) -> str:
+    """``safe_name`` undone (a model's name from its route)."""
+    return _ESCAPED.sub(lambda m: bytes.fromhex(m[0].replace("_", "")).decode(
+        errors="replace"), safe)
 
 
 def model_route(model: str) -> str:

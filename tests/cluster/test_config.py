@@ -70,6 +70,11 @@ def test_embedded_default_is_valid():
       "applications": [APP]}, "max_allocations must be >= min_allocations"),
     ({"applications": [{**APP, "args": {"models": [{"name": "m", "num_gpus": 1}]}}]},
      "applications.0.args.models.0.resources"),
+    # failover is on, off or auto; whether a pool shares the head's cores, yes or no
+    ({"applications": [{**APP, "args": {"models": [{"name": "m", "failover": "sometimes"}]}}]},
+     "applications.0.args.models.0.failover"),
+    ({"hpcserve": {"pools": [{"name": "p", "shares_head_cores": "maybe"}]},
+      "applications": [APP]}, "hpcserve.pools.0.shares_head_cores"),
     # no key, yet beyond loopback
     ({"http_options": {"host": "0.0.0.0"}, "applications": [APP]}, "http_options.host"),
     ({"hpcserve": {}}, "applications"),

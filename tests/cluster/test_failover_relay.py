@@ -56,6 +56,7 @@ class Replicas:
         self.requests: list[tuple[bytes, dict, dict]] = []  # (path, headers, body)
         self.ports: list[int] = []  # the port each request came to
         self.cut = "connection"  # or "error_event", or None: streams run to the end
+        self.cut_every = False  # resumed streams too (after one word): retries run out
         self.delay = 0.0  # between events
         self.hold = 0.0  # before a whole answer
         self.accepted = 0  # connections
@@ -112,7 +113,7 @@ class Replicas:
         tokens = resumed["tokens"] if resumed else 0
         words = [f"w{i} " for i in range(tokens, body["max_tokens"])]
         for i, word in enumerate(words):
-            if resumed is None and self.cut and i == 3:
+            if self.cut and (i == 3 if resumed is None else self.cut_every and i == 1):
                 if self.cut == "error_event":
                     err = b'data: {"error":{"message":"x","type":"server_error","param":null,' \
                           b'"code":"engine_unavailable"}}\n\ndata: [DONE]\n\n'
@@ -176,6 +177,7 @@ def relay(tmp_path_factory):
     wait_until(lambda: answers(relay_port), 30, "relay listening", poll_s=0.05)
     replicas.listening = {replica_port: servers[0], replica2: servers[1]}
     replicas.loop = loop
+    replicas.relay_port = relay_port
     yield f"http://127.0.0.1:{port}", replicas, config
     haproxy.terminate()
     proc.terminate()
@@ -229,6 +231,38 @@ def test_a_cut_stream_continues_on_another_replica_as_one_stream(relay, cut):
     assert body2["hpcserve"]["continuation"] == {
         "text": "w0 w1 w2 ", "id": "cmpl-7", "created": 7, "tokens": 3}
     assert {k: v for k, v in body2.items() if k != "hpcserve"} == body1
+
+
+def _relay_counts(replicas) -> dict[str, float]:
+    """The relay's counters for ``tiny``, from its ``GET /metrics`` (Prometheus text)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    r = httpx.get(f"http://127.0.0.1:{replicas.relay_port}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {s.name: s.value for family in text_string_to_metric_families(r.text)
+            for s in family.samples
+            if s.name.endswith("_total") and s.labels.get("model") == "tiny"}
+
+
+@pytest.mark.parametrize("cut", [None, "connection", "unresumable"])
+def test_the_relay_counts_requests_resumed_streams_and_losses_per_model(relay, cut):
+    """What HAProxy's backend counters cannot see (the relay reaches the replicas):
+    each request, each stream continued on another replica, each one that was not."""
+    url, replicas, _ = relay
+    before = _relay_counts(replicas)
+    replicas.cut, replicas.requests[:] = cut or None, []
+    if cut == "unresumable":  # every replica cuts every stream: the retries run out
+        replicas.cut, replicas.cut_every = "connection", True
+    try:
+        events, raw = _stream(url)
+    finally:
+        replicas.cut_every = False
+    after = _relay_counts(replicas)
+    delta = {name: after.get(name, 0) - before.get(name, 0)
+             for name in ("hpcserve_relay_requests_total", "hpcserve_relay_resumed_streams_total",
+                          "hpcserve_relay_lost_total")}
+    expected = {None: (1, 0, 0), "connection": (1, 1, 0), "unresumable": (1, 2, 1)}[cut]
+    assert tuple(delta.values()) == expected, (delta, raw[-300:])
+    assert (b'"engine_unavailable"' in raw) == (cut == "unresumable")
 
 
 def test_a_stream_with_no_cut_and_other_models_pass_as_they_are(relay):

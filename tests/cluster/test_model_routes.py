@@ -201,3 +201,55 @@ def test_auto_off_the_root_keeps_the_router_where_direct_is_refused(tmp_path):
     # running, not split (an hpcserve whose auto kept several models on the router)
     unsplit = load_config(tmp_path / "c.yaml").serve["applications"]
     assert ingress_modes(unsplit, running=True) == {router["name"]: "routed"}
+
+
+def test_failover_auto_is_on_only_where_no_pool_shares_the_heads_cores():
+    """``failover: auto`` by layout: the local provider's jobs share the head's machine,
+    SLURM's and HEAppE's run on compute nodes unless the pool says otherwise; and
+    nothing is on without a relay that can sign."""
+    from cluster.config import PoolConfig
+    from cluster.model_routes import failover_by_default
+    local, slurm = PoolConfig(name="l"), PoolConfig(name="s", provider="slurm")
+    heappe = PoolConfig(name="h", provider="heappe",
+                        provider_options={"base_url": "https://heappe.example", "cluster_id": 1,
+                                          "project_id": 1, "command_template_id": 1,
+                                          "cluster_node_type_id": 1,
+                                          "file_transfer_method_id": 1,
+                                          "access_token_env": "HEAPPE_TOKEN"})
+    on_head = PoolConfig(name="dev", provider="slurm", shares_head_cores=True)
+    off_head = PoolConfig(name="big", provider="local", shares_head_cores=False)
+    assert [p.shares_head_cores for p in (local, slurm, heappe, on_head, off_head)] == [
+        True, False, False, True, False]
+    assert failover_by_default([slurm, heappe], relay=True)
+    assert failover_by_default([off_head], relay=True)
+    assert not failover_by_default([slurm, heappe], relay=False)
+    assert not failover_by_default([local], relay=True)
+    assert not failover_by_default([slurm, on_head], relay=True)  # one shared pool is enough
+
+
+def test_decide_failover_writes_auto_as_the_layouts_answer_and_keeps_explicit_choices():
+    from cluster.model_routes import decide_failover, split_apps
+    models = [{"name": "a"}, {"name": "b", "failover": False}, {"name": "c", "failover": True},
+              {"name": "e", "task": "embed", "engine": "vllm",
+                                        "engine_args": {"model": "/models/minilm"}}, {"name": "d", "failover": "auto"}]
+    app = {"name": "hpcserve", "route_prefix": "/", "import_path": "serve_app.app:build_app",
+           "args": {"models": models}}
+    foreign = {"name": "x", "import_path": "elsewhere:app", "args": {"models": [{"name": "a"}]}}
+    serve = {"http_options": {"port": 1}, "applications": [app, foreign]}
+    on, turned_on = decide_failover(serve, True)
+    assert turned_on == ["a", "d"]
+    assert [m["failover"] for m in on["applications"][0]["args"]["models"]] == [
+        True, False, True, False, True]
+    assert on["applications"][1] == foreign and on["http_options"] == serve["http_options"]
+    assert models[0] == {"name": "a"}  # the config given is left as it was
+    off, turned_on = decide_failover(serve, False)
+    assert turned_on == []
+    assert [m["failover"] for m in off["applications"][0]["args"]["models"]] == [
+        False, False, True, False, False]
+    # decided, the relay takes exactly the models it turned on and those that asked
+    assert split_apps(on)[2] == ["a", "c", "d"] and split_apps(off)[2] == ["c"]
+    # one generation model: auto on gives it an application of its own behind the relay
+    one = {"applications": [{**app, "args": {"models": [{"name": "a"}]}}]}
+    split, routed, failover = split_apps(decide_failover(one, True)[0])
+    assert routed == failover == ["a"] and len(split["applications"]) == 2
+    assert split_apps(decide_failover(one, False)[0]) == (decide_failover(one, False)[0], [], [])

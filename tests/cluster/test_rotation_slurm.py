@@ -67,6 +67,10 @@ def _squeue(stack) -> list[str]:
 
 
 def test_serves_from_a_slurm_job(stack, clients):
+    """...through the failover relay: a SLURM pool's jobs run on compute nodes (the
+    pool does not say it shares the head's cores), so ``failover: auto`` is on."""
+    assert "mid-stream failover on for tiny" in stack.up_output
+    assert json.loads(stack.cli("status", "--json").stdout)["failover_models"] == ["tiny"]
     live = _store(stack).allocations(live_only=True)
     assert [a.provider for a in live] == ["slurm"]
     assert any(live[0].job_id in line and "RUNNING" in line for line in _squeue(stack))

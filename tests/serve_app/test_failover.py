@@ -49,6 +49,8 @@ def test_the_failover_model_takes_the_relay_or_the_ingress(stack):
     status = json.loads(stack.cli("status", "--json").stdout)
     apps = {name: set(a["deployments"]) for name, a in status["applications"].items()}
     haproxy = (_haproxy_dir(stack) / "haproxy.cfg").read_text()
+    # `other` asks nothing: failover: auto, off where the pool (local) shares the head's cores
+    assert status["failover_models"] == ([] if stack.ingress == "routed" else ["tiny"])
     if stack.ingress == "routed":
         assert apps == {"hpcserve": {"Ingress", "engine-tiny", "engine-other"}}
         assert "hpcserve_failover_relay" not in haproxy
@@ -152,6 +154,12 @@ def test_stream_survives_its_engine_replica_being_killed(stack):
     if stack.ingress == "direct":  # and it was the relay that resumed it
         log = (_haproxy_dir(stack) / "relay.log").read_text()
         assert "resuming on another replica (1 of 2)" in log, log
+        import httpx  # and counted it, where `up` said
+        assert f"relay:     {stack.head.relay_metrics_url} (mid-stream failover: tiny)" \
+            in stack.up_output
+        metrics = httpx.get(stack.head.relay_metrics_url, timeout=10).text
+        assert 'hpcserve_relay_resumed_streams_total{model="tiny"} 1.0' in metrics, metrics
+        assert 'hpcserve_relay_lost_total{model="tiny"} 0.0' in metrics, metrics
 
 
 def test_service_keeps_serving_after_the_kill(stack):

@@ -68,7 +68,7 @@ def _cmd_control(args) -> int:
 
 
 def _cmd_deploy(args) -> int:
-    from cluster.config import access_store_of, ingress_mode_changes, load_config
+    from cluster.config import access_store_of, ingress_mode_changes, load_config, load_run_config
     from cluster.head import HeadInfo, deploy_serve, serve_status
     from cluster.service import home_dir, run_dir_of
     home = home_dir(args.home)
@@ -83,12 +83,17 @@ def _cmd_deploy(args) -> int:
     import yaml
 
     from cluster import model_routes
-    decided, failover_on = model_routes.with_failover(head, config)
+    try:  # the pools the service runs, from its `up` (a deploy does not change them)
+        pools = load_run_config(run_dir_of(home)).cluster.pools
+    except (ConfigError, OSError):
+        pools = config.cluster.pools
+    decided = model_routes.with_failover(head, config.serve, pools)
     for change in ingress_mode_changes(serve_status(head), decided):
         print(f"hpcserve: note: {change}", file=sys.stderr)
-    if failover_on:
-        print(f"hpcserve: note: {model_routes.failover_note(failover_on)}", file=sys.stderr)
+    relayed = model_routes.relayed_models(head)
     serve_config = model_routes.publish(head, decided)
+    for change in model_routes.failover_changes(relayed, model_routes.relayed_models(head)):
+        print(f"hpcserve: note: {change}", file=sys.stderr)
     (run_dir_of(home) / "serve.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
     deploy_serve(head, serve_config)
     print("deployed")

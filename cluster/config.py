@@ -316,7 +316,7 @@ def ingress_modes(apps: list[dict[str, Any]], running: bool = False) -> dict[str
 
 
 def ingress_mode_changes(serve_status: dict[str, Any], serve_config: dict[str, Any]) -> list[str]:
-    """Why: under ``auto`` a deploy that gives every model ``failover: true`` (or
+    """Why: under ``auto`` a deploy that gives every model failover (or
     takes it away; or the first deploy by an hpcserve whose ``auto`` splits several
     models) switches the data path, and with it the overhead and whether a crash
     mid-stream fails over.

@@ -1,6 +1,7 @@
-"""The failover relay: mid-stream failover for ``failover: true`` models, one process.
+"""The failover relay: mid-stream failover for the models with failover on, one process.
 
-A model with ``failover: true`` has an application of its own, like any other
+A model with failover on (``failover: true``, or ``auto`` decided on:
+``cluster.model_routes.decide_failover``) has an application of its own, like any other
 model on ``ingress: direct`` (its engine replicas answer HTTP).  HAProxy sends its
 requests here instead of to its replicas (``cluster.model_routes``), with the
 model's route already in the path; the relay sends each to one of the model's
@@ -37,12 +38,11 @@ import socket
 from pathlib import Path
 
 import httptools
-import orjson
 
 from cluster import relay_metrics
 from cluster.relay_backends import Server, Servers
 from cluster.relay_stream import (LOST_EVENT, LOST_RESPONSE, Request, Response, chunk,
-                                  response_head)
+                                  response_head, resume_body)
 from serve_app import continuation
 
 log = logging.getLogger("hpcserve.relay")
@@ -66,32 +66,6 @@ def probe_silent_peer(sock) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-
-
-def resume_body(request_body: bytes, events: list[bytes], tokens: int) -> bytes | None:
-    """The request again, with what the client has as ``hpcserve.continuation``; None
-    when the stream had already ended (its ``finish_reason`` passed on)."""
-    text, first = [], None
-    for block in events:
-        for line in block.split(b"\n"):
-            if not line.startswith(b"data: "):
-                continue
-            if line == b"data: [DONE]":
-                return None
-            event = orjson.loads(line[6:])
-            first = first or event
-            for choice in event.get("choices") or ():
-                if choice.get("finish_reason"):
-                    return None
-                text.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
-    if first is None:  # the client has no event yet: the request as it was
-        return request_body
-    data = orjson.loads(request_body)
-    options = data.get("hpcserve") if isinstance(data.get("hpcserve"), dict) else {}
-    data["hpcserve"] = {**options, "continuation": {
-        "text": "".join(text), "id": first["id"], "created": first["created"],
-        "tokens": tokens}}
-    return orjson.dumps(data)
 
 
 class Upstream(asyncio.Protocol):
@@ -308,7 +282,7 @@ class Relay:
         """Answer one request; False when the client connection is to be closed.  An
         upstream connection left unfinished (the client went away) is closed, so
         its replica stops generating."""
-        if request.url == relay_metrics.PATH:
+        if request.url == relay_metrics.PATH and request.method == b"GET":
             client.write(relay_metrics.response())
             return True
         stats = relay_metrics.stats_for(request.url)
@@ -351,7 +325,6 @@ class Relay:
                 client.write(tail + b"0\r\n\r\n")
                 return False
             attempt += 1
-            stats.resumed.inc()
             log.warning("relay: stream %s cut after %d tokens; resuming on another "
                         "replica (%d of %d)", request.url.decode(errors="replace"),
                         response.tokens, attempt, RETRIES)
@@ -365,6 +338,7 @@ class Relay:
                 stats.lost.inc()
                 client.write(chunk(LOST_EVENT) + b"0\r\n\r\n")
                 return False
+            stats.resumed.inc()
             up, response = exchange
 
     async def _pass_whole(self, up: Upstream, response: Response, client: Client,

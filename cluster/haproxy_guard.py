@@ -23,7 +23,7 @@ What the template leaves that a shared login node must not have:
   if its replica dies before answering; with models in applications of their own,
   it goes to its model's application by the ``model`` its body names
   (``cluster/model_routes.py``), through the failover relay for a model with
-  ``failover: true`` (started here, ``cluster/failover_relay.py``);
+  failover on (started here, ``cluster/failover_relay.py``);
 * with no credentials every Serve socket binds loopback (``HPCSERVE_SERVE_BIND_HOST``
   is 127.0.0.1), so replicas on this machine's other loopback addresses
   (127.0.0.10, ...) are reached at 127.0.0.1.

@@ -152,31 +152,45 @@ def failover_by_default(pools, relay: bool) -> bool:
     return relay and not any(pool.shares_head_cores for pool in pools)
 
 
-def decide_failover(serve_config: dict, on: bool) -> tuple[dict, list[str]]:
+def decide_failover(serve_config: dict, on: bool) -> dict:
     """Serve's config with each hpcserve app's ``failover: auto`` (the default) written
-    as ``on`` for its generation models, off for embedding models (they do not
-    stream); and the models it turned on."""
+    as ``on`` for the models the relay would serve (generation models that get an
+    application of their own: ``split_apps``), and as off for the rest (embedding
+    models, an app not at ``/``, ``ingress: routed``, models that may scale to zero:
+    the router serves those, and fails over itself)."""
     from cluster.config import APP_IMPORT_PATH
+    from serve_app.config import parse_app_config
 
-    out, turned_on = {**serve_config, "applications": []}, []
+    out = {**serve_config, "applications": []}
     for app in serve_config.get("applications") or []:
-        models = (app.get("args") or {}).get("models")
-        if app.get("import_path") == APP_IMPORT_PATH and isinstance(models, list):
-            decided = []
-            for model in models:
-                if isinstance(model, dict) and model.get("failover", "auto") == "auto":
-                    generates = model.get("task", "generate") == "generate"
-                    model = {**model, "failover": on and generates}
-                    turned_on += [model.get("name")] if model["failover"] else []
-                decided.append(model)
-            app = {**app, "args": {**app["args"], "models": decided}}
-        out["applications"].append(app)
-    return out, turned_on
+        args = app.get("args") or {}
+        models = args.get("models")
+        if app.get("import_path") != APP_IMPORT_PATH or not isinstance(models, list):
+            out["applications"].append(app)
+            continue
+        auto = {i for i, m in enumerate(models)
+                if isinstance(m, dict) and m.get("failover", "auto") == "auto"}
+        decided = [{**m, "failover": on and m.get("task", "generate") == "generate"}
+                   if i in auto else m for i, m in enumerate(models)]
+        if on and auto:  # only those the relay would reach keep it
+            relayed = set(parse_app_config({**args, "models": decided}).failover_models) \
+                if app.get("route_prefix", "/") == "/" else set()
+            decided = [{**m, "failover": m["failover"] and m.get("name") in relayed}
+                       if i in auto else m for i, m in enumerate(decided)]
+        out["applications"].append({**app, "args": {**args, "models": decided}})
+    return out
 
 
-def failover_note(models: list[str]) -> str:
-    return (f"mid-stream failover on for {', '.join(models)} (failover: auto; no pool "
-            "shares the head's cores), through the head's failover relay")
+def failover_changes(before: list[str], after: list[str]) -> list[str]:
+    """What a deploy did to mid-stream failover: models the relay took or gave back."""
+    on = [m for m in after if m not in before]
+    off = [m for m in before if m not in after]
+    notes = []
+    if on:
+        notes.append(f"mid-stream failover on for {', '.join(on)}, through the head's relay")
+    if off:
+        notes.append(f"mid-stream failover off for {', '.join(off)}")
+    return notes
 
 
 def relay_enabled(head) -> bool:
@@ -184,10 +198,10 @@ def relay_enabled(head) -> bool:
     return head.env.get("RAY_AUTH_MODE") == "token" and "HPCSERVE_RELAY_PORT" in head.env
 
 
-def with_failover(head, config) -> tuple[dict, list[str]]:
-    """``decide_failover`` for ``config`` (an ``HpcserveConfig``) deployed on ``head``."""
-    return decide_failover(config.serve, failover_by_default(config.cluster.pools,
-                                                             relay_enabled(head)))
+def with_failover(head, serve_config: dict, pools) -> dict:
+    """``decide_failover`` for ``serve_config`` deployed on ``head``, whose service
+    runs ``pools`` (those of its ``up``: a deploy does not change them)."""
+    return decide_failover(serve_config, failover_by_default(pools, relay_enabled(head)))
 
 
 def haproxy_dir(head) -> Path:

@@ -18,15 +18,17 @@ PATH = b"/metrics"
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("hpcserve_relay_requests", "Requests the failover relay took, by model",
                    ["model"], registry=REGISTRY)
-RESUMED = Counter("hpcserve_relay_resumed_streams", "Streams cut mid-stream (replica or its "
-                  "engine lost) and continued on another replica", ["model"], registry=REGISTRY)
-LOST = Counter("hpcserve_relay_lost", "Requests not answered whole: no replica answered, or "
-               "a cut stream could not be continued (the client got an error)", ["model"],
-               registry=REGISTRY)
+RESUMED = Counter("hpcserve_relay_resumed_streams", "Times a stream cut mid-stream (its "
+                  "replica or engine lost) went on from another replica; a stream cut twice "
+                  "counts twice", ["model"], registry=REGISTRY)
+LOST = Counter("hpcserve_relay_lost", "Requests the relay could not answer whole: neither a "
+               "replica nor HAProxy answered, a whole answer was cut, or a cut stream could "
+               "not go on (the client got an error)", ["model"], registry=REGISTRY)
 PASSED_OVER = Counter("hpcserve_relay_replicas_passed_over", "Replicas that refused, timed "
                       "out or closed before answering, another tried", ["model"],
                       registry=REGISTRY)
 _PREFIX = ROUTE_PREFIX.encode()
+MAX_MODELS = 256  # labels kept apart; any route beyond them is counted as "(other)"
 
 
 class ModelStats:
@@ -44,9 +46,13 @@ def stats_for(url: bytes) -> ModelStats:
     """The counters of the model whose route ``url`` is at (``/_m/<model>/...``)."""
     route = url[len(_PREFIX):].split(b"/", 1)[0] if url.startswith(_PREFIX) else b""
     stats = _by_route.get(route)
-    if stats is None:
-        name = model_name(route.decode(errors="replace")) if route else "(none)"
-        stats = _by_route[route] = ModelStats(name)
+    if stats is None:  # routes come from HAProxy's map, but the port is open to local users
+        if len(_by_route) >= MAX_MODELS - 1:  # the last one is "(other)"
+            route = b"(other)"
+            stats = _by_route.get(route)
+        if stats is None:
+            name = model_name(route.decode(errors="replace")) if route else "(none)"
+            stats = _by_route[route] = ModelStats(name)
     return stats
 
 

@@ -15,6 +15,8 @@ import asyncio
 import http
 from typing import Protocol
 
+import orjson
+
 from serve_app import continuation
 
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
@@ -223,3 +225,29 @@ class Response:
             self._finish(False)
             return False
         return True
+
+
+def resume_body(request_body: bytes, events: list[bytes], tokens: int) -> bytes | None:
+    """The request again, with what the client has as ``hpcserve.continuation``; None
+    when the stream had already ended (its ``finish_reason`` passed on)."""
+    text, first = [], None
+    for block in events:
+        for line in block.split(b"\n"):
+            if not line.startswith(b"data: "):
+                continue
+            if line == b"data: [DONE]":
+                return None
+            event = orjson.loads(line[6:])
+            first = first or event
+            for choice in event.get("choices") or ():
+                if choice.get("finish_reason"):
+                    return None
+                text.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+    if first is None:  # the client has no event yet: the request as it was
+        return request_body
+    data = orjson.loads(request_body)
+    options = data.get("hpcserve") if isinstance(data.get("hpcserve"), dict) else {}
+    data["hpcserve"] = {**options, "continuation": {
+        "text": "".join(text), "id": first["id"], "created": first["created"],
+        "tokens": tokens}}
+    return orjson.dumps(data)

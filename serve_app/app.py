@@ -9,8 +9,8 @@ for ``hpc_slot`` (or what the model config says), which only workers advertise.
 ``ingress: direct``: the one model's engine replica is the app's ingress
 (``serve_app.engine_ingress``); HAProxy on the head sends requests straight to it.
 
-``ingress: direct`` with several models, workflows or a model with ``failover:
-true``: ``hpcserve up``/``deploy`` split the app (``serve_app.layout``):
+``ingress: direct`` with several models, workflows or a model with failover on:
+``hpcserve up``/``deploy`` split the app (``serve_app.layout``):
 ``build_model_app`` builds each always-on model's own application, ``build_app``
 the router, which reaches those engines by name.
 

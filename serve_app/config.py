@@ -80,9 +80,9 @@ class ModelConfig(_Strict):
         "from the text already sent: on `ingress: direct` (or `auto`) through the head's "
         "failover relay (the model gets an application of its own and HAProxy sends its "
         "requests through the relay; needs the Ray auth token, the default), on "
-        "`routed` through the ingress. auto: on for a generation model where no pool "
-        "shares the head's cores (pools.shares_head_cores: SLURM and HEAppE pools by "
-        "default), off where one does (the local provider); `hpcserve up`/`deploy` "
+        "`routed` through the ingress. auto: on for an always-on generation model where "
+        "no pool shares the head's cores (pools.shares_head_cores: SLURM and HEAppE pools "
+        "by default), off where one does (the local provider); `hpcserve up`/`deploy` "
         "decide it, and a config deployed with `serve deploy` alone reads it as off"))
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
@@ -231,7 +231,7 @@ class AppConfig(_Strict):
         replica, only the head's ingress can answer ``/v1/models`` with the model's
         state and bound a cold request's wait by ``cold_start_timeout_s``; an
         explicit ``direct`` is refused for it as the only model) and workflows (they
-        call several models); a model with ``failover: true`` gets an application
+        call several models); a model with failover on gets an application
         of its own too, behind the failover relay; ``ingress: routed`` puts every
         model on the router.
         """

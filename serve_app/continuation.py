@@ -1,6 +1,6 @@
 """A stream resumed on another replica: what the failover relay sends, signed.
 
-When the engine replica serving a stream of a ``failover: true`` model dies, the
+When the engine replica serving a stream of a model with failover on dies, the
 relay on the head (``cluster.failover_relay``) sends the request again to another
 replica with ``hpcserve.continuation``: the text the client already has, the
 response's ``id`` and ``created``, and how many tokens it counted.  The replica

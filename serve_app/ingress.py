@@ -2,7 +2,7 @@
 
 Used for what needs a router: workflows, models that may scale to zero (it bounds a
 cold request's wait) and streams that must survive an engine replica dying
-(``failover: true``, or ``ingress: routed`` for every model): the ingress retries on
+(failover on, or ``ingress: routed`` for every model): the ingress retries on
 another replica, continuing from the text already sent (an embedding request is
 simply sent again).  With ``direct``/``auto`` the other models answer from
 applications of their own (``serve_app.layout``) and this router reaches them by name.  A workflow's name
@@ -92,7 +92,7 @@ class RoutedIngress(OpenAIServer):
         """
         max_retries = self.config.max_retries if retries is None else retries
         handle = self.engines[req.model]
-        sent_text, sent_tokens, attempt = "", 0, 0
+        sent_text, sent_tokens, attempt, prompt_tokens = "", 0, 0, 0
         budget = req.sampling.max_tokens
         while True:
             call = None
@@ -102,8 +102,10 @@ class RoutedIngress(OpenAIServer):
                     for d in deltas:
                         sent_text += d.text
                         sent_tokens += d.num_tokens
-                        if d.usage is not None and attempt:
-                            d.usage = Usage(d.usage.prompt_tokens, sent_tokens)
+                        if d.usage is not None:
+                            prompt_tokens = prompt_tokens or d.usage.prompt_tokens
+                            if attempt:
+                                d.usage = Usage(d.usage.prompt_tokens, sent_tokens)
                     yield deltas
                 return
             except (asyncio.CancelledError, GeneratorExit):
@@ -117,6 +119,11 @@ class RoutedIngress(OpenAIServer):
                 raise
             except Exception as exc:
                 self._retry_or_raise(exc, attempt, max_retries, req.request_id)
+                if budget is not None and sent_tokens >= budget:
+                    # cut between its last token and its end: only the end is left
+                    yield [GenerateDelta(finish_reason="length",
+                                         usage=Usage(prompt_tokens, sent_tokens))]
+                    return
                 attempt += 1
                 sampling = req.sampling.model_copy(update={
                     "max_tokens": None if budget is None else max(1, budget - sent_tokens)})

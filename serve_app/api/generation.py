@@ -116,11 +116,18 @@ def _resume(req: GenerateRequest, resumed, streamed: bool) -> tuple[GenerateRequ
 async def _only_the_end(stream: AsyncIterator[list[GenerateDelta]]):
     """A resumed stream whose ``max_tokens`` the client already has (it was cut between
     its last token and the chunk that ends it): the engine is asked for one token, for
-    the prompt's count, and none of it is sent; the stream ends ``length``."""
-    async with aclosing(stream):
-        async for deltas in stream:
-            yield [GenerateDelta(usage=d.usage, finish_reason=d.finish_reason and "length")
-                   for d in deltas]
+    the prompt's count, and none of it is sent; the stream ends ``length``.  If the
+    engine refuses (the text appended, the prompt may no longer fit ``max_model_len``)
+    or fails, the stream ends all the same: the client has every token."""
+    try:
+        async with aclosing(stream):
+            async for deltas in stream:
+                yield [GenerateDelta(usage=d.usage, finish_reason=d.finish_reason and "length")
+                       for d in deltas]
+                if any(d.finish_reason for d in deltas):
+                    return
+    except Exception:  # noqa: BLE001 - nothing is left to generate
+        yield [GenerateDelta(finish_reason="length")]
 
 
 def max_tokens_of(body) -> int | None:

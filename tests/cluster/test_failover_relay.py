@@ -322,7 +322,7 @@ def _event(delta: dict | None = None, finish: str | None = None) -> bytes:
 
 
 def test_resume_body_carries_what_the_client_has_unless_the_stream_had_finished():
-    from cluster.failover_relay import resume_body
+    from cluster.relay_stream import resume_body
     request = orjson.dumps({"model": "m", "messages": [], "stream": True,
                             "hpcserve": {"trace_texts": False}})
     events = [_event({"role": "assistant", "content": ""}) + _event({"content": "Hel"}),

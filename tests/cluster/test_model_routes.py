@@ -228,28 +228,42 @@ def test_failover_auto_is_on_only_where_no_pool_shares_the_heads_cores():
 
 
 def test_decide_failover_writes_auto_as_the_layouts_answer_and_keeps_explicit_choices():
-    from cluster.model_routes import decide_failover, split_apps
+    from cluster.model_routes import decide_failover, failover_changes, split_apps
     models = [{"name": "a"}, {"name": "b", "failover": False}, {"name": "c", "failover": True},
               {"name": "e", "task": "embed", "engine": "vllm",
-                                        "engine_args": {"model": "/models/minilm"}}, {"name": "d", "failover": "auto"}]
+               "engine_args": {"model": "/models/minilm"}}, {"name": "d", "failover": "auto"},
+              {"name": "cold", "autoscaling": {"min_replicas": 0, "max_replicas": 1}}]
     app = {"name": "hpcserve", "route_prefix": "/", "import_path": "serve_app.app:build_app",
            "args": {"models": models}}
     foreign = {"name": "x", "import_path": "elsewhere:app", "args": {"models": [{"name": "a"}]}}
     serve = {"http_options": {"port": 1}, "applications": [app, foreign]}
-    on, turned_on = decide_failover(serve, True)
-    assert turned_on == ["a", "d"]
-    assert [m["failover"] for m in on["applications"][0]["args"]["models"]] == [
-        True, False, True, False, True]
+
+    def failover(config):
+        return [m["failover"] for m in config["applications"][0]["args"]["models"]]
+    on = decide_failover(serve, True)
+    # the router serves a model that may go cold (and fails over itself): not the relay
+    assert failover(on) == [True, False, True, False, True, False]
     assert on["applications"][1] == foreign and on["http_options"] == serve["http_options"]
     assert models[0] == {"name": "a"}  # the config given is left as it was
-    off, turned_on = decide_failover(serve, False)
-    assert turned_on == []
-    assert [m["failover"] for m in off["applications"][0]["args"]["models"]] == [
-        False, False, True, False, False]
-    # decided, the relay takes exactly the models it turned on and those that asked
+    off = decide_failover(serve, False)
+    assert failover(off) == [False, False, True, False, False, False]
+    # decided, the relay takes exactly the models turned on and those that asked
     assert split_apps(on)[2] == ["a", "c", "d"] and split_apps(off)[2] == ["c"]
+    assert failover_changes(split_apps(off)[2], split_apps(on)[2]) == [
+        "mid-stream failover on for a, d, through the head's relay"]
+    assert failover_changes(["a", "c"], ["c"]) == ["mid-stream failover off for a"]
     # one generation model: auto on gives it an application of its own behind the relay
     one = {"applications": [{**app, "args": {"models": [{"name": "a"}]}}]}
-    split, routed, failover = split_apps(decide_failover(one, True)[0])
-    assert routed == failover == ["a"] and len(split["applications"]) == 2
-    assert split_apps(decide_failover(one, False)[0]) == (decide_failover(one, False)[0], [], [])
+    split, routed, relayed = split_apps(decide_failover(one, True))
+    assert routed == relayed == ["a"] and len(split["applications"]) == 2
+    assert split_apps(decide_failover(one, False)) == (decide_failover(one, False), [], [])
+    # where the relay cannot reach it, auto stays off, so the data path stays as it was:
+    # an app not at `/` (not split), or the routed ingress
+    from cluster.config import ingress_modes
+    for elsewhere, mode in (
+            ({**app, "route_prefix": "/api", "args": {"models": [{"name": "a"}]}}, "direct"),
+            ({**app, "args": {"ingress": "routed", "models": [{"name": "a"}]}}, "routed")):
+        decided = decide_failover({"applications": [elsewhere]}, True)
+        assert failover(decided) == [False]
+        assert split_apps(decided)[2] == []
+        assert ingress_modes(decided["applications"]) == {"hpcserve": mode}

@@ -108,3 +108,18 @@ def test_a_stream_cut_after_its_last_token_is_resumed_with_only_its_end():
     assert [c["finish_reason"] for e in events for c in e["choices"]] == ["length"]
     assert events[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
     assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (7, 3)
+
+
+def test_a_resumed_stream_with_nothing_left_ends_even_if_the_engine_refuses():
+    """With the text appended the prompt may no longer fit ``max_model_len``: the
+    engine's refusal does not turn a stream the client has whole into an error."""
+    from serve_app.api.generation import _only_the_end
+
+    async def refuses():
+        raise ValueError("prompt too long")
+        yield  # an async generator
+
+    async def run():
+        return [batch async for batch in _only_the_end(refuses())]
+    (batch,) = asyncio.run(run())
+    assert [(d.text, d.num_tokens, d.finish_reason) for d in batch] == [("", 0, "length")]

@@ -80,6 +80,7 @@ def _cmd_deploy(args) -> int:
     from cluster.batches import set_batch_paths
     set_batch_paths(config, home)
     head = HeadInfo.load(run_dir_of(home))
+    import httpx
     import yaml
 
     from cluster import model_routes
@@ -90,12 +91,17 @@ def _cmd_deploy(args) -> int:
     decided = model_routes.with_failover(head, config.serve, pools)
     for change in ingress_mode_changes(serve_status(head), decided):
         print(f"hpcserve: note: {change}", file=sys.stderr)
-    relayed = model_routes.relayed_models(head)
+    relayed, maps = model_routes.relayed_models(head), model_routes.saved_maps(head)
     serve_config = model_routes.publish(head, decided)
+    try:
+        deploy_serve(head, serve_config)
+    except (RuntimeError, httpx.HTTPError) as err:
+        model_routes.restore_maps(maps)  # what runs is the config deployed before
+        print(f"hpcserve: {err}", file=sys.stderr)
+        return 1
     for change in model_routes.failover_changes(relayed, model_routes.relayed_models(head)):
         print(f"hpcserve: note: {change}", file=sys.stderr)
     (run_dir_of(home) / "serve.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
-    deploy_serve(head, serve_config)
     print("deployed")
     return 0
 

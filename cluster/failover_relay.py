@@ -35,6 +35,7 @@ import asyncio
 import collections
 import logging
 import socket
+import time
 from pathlib import Path
 
 import httptools
@@ -285,7 +286,8 @@ class Relay:
         if request.url == relay_metrics.PATH and request.method == b"GET":
             client.write(relay_metrics.response())
             return True
-        stats = relay_metrics.stats_for(request.url)
+        self.servers.refresh(time.monotonic())
+        stats = relay_metrics.stats_for(request.url, self.servers.routes)
         stats.requests.inc()
         body = bytes(request.body)
         tried: set[Server] = set()

@@ -155,14 +155,15 @@ def failover_by_default(pools, relay: bool) -> bool:
 def decide_failover(serve_config: dict, on: bool) -> dict:
     """Serve's config with each hpcserve app's ``failover: auto`` (the default) written
     as ``on`` for the models the relay would serve (generation models that get an
-    application of their own: ``split_apps``), and as off for the rest (embedding
-    models, an app not at ``/``, ``ingress: routed``, models that may scale to zero:
-    the router serves those, and fails over itself)."""
+    application of their own: ``split_apps``), and as off for the rest: embedding
+    models; models the router serves, which fails over itself (``ingress: routed``,
+    models that may scale to zero, several models in an app not at ``/``); and one
+    model in an app not at ``/``, which keeps the direct path without it."""
     from cluster.config import APP_IMPORT_PATH
     from serve_app.config import parse_app_config
 
     out = {**serve_config, "applications": []}
-    for app in serve_config.get("applications") or []:
+    for app in serve_config.get("applications") or []:  # validated (load_config)
         args = app.get("args") or {}
         models = args.get("models")
         if app.get("import_path") != APP_IMPORT_PATH or not isinstance(models, list):
@@ -207,6 +208,21 @@ def with_failover(head, serve_config: dict, pools) -> dict:
 def haproxy_dir(head) -> Path:
     """Where Serve writes HAProxy's config on this head (the guard reads the map there)."""
     return Path(head.env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+
+
+def saved_maps(head) -> dict[Path, str | None]:
+    """The routing maps as they are, for ``restore_maps`` if a deploy fails."""
+    d = haproxy_dir(head)
+    return {d / name: (d / name).read_text() if (d / name).exists() else None
+            for name in (MAP_FILE, FAILOVER_MAP_FILE)}
+
+
+def restore_maps(saved: dict[Path, str | None]) -> None:
+    for path, text in saved.items():
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            _write(path, text)
 
 
 def relayed_models(head) -> list[str]:

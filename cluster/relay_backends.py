@@ -70,7 +70,8 @@ class Servers:
         self._checked = 0.0
         self._turn = 0
 
-    def _refresh(self, now: float) -> None:
+    def refresh(self, now: float) -> None:
+        """The routes as the config has them now (read again at most every ``RELOAD_S``)."""
         if self.path is None or now - self._checked < RELOAD_S:
             return
         self._checked = now
@@ -92,7 +93,7 @@ class Servers:
     def pick(self, path: bytes, exclude: set[Server]) -> Server | None:
         """The replica for a request to ``path``, or None to go through HAProxy."""
         now = time.monotonic()
-        self._refresh(now)
+        self.refresh(now)
         for prefix, servers in self.routes.items():
             if path.startswith(prefix):
                 break

@@ -9,6 +9,8 @@ answers them; no thread and no second port, it is one more request to the relay.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from cluster.relay_stream import response_head
@@ -28,7 +30,6 @@ PASSED_OVER = Counter("hpcserve_relay_replicas_passed_over", "Replicas that refu
                       "out or closed before answering, another tried", ["model"],
                       registry=REGISTRY)
 _PREFIX = ROUTE_PREFIX.encode()
-MAX_MODELS = 256  # labels kept apart; any route beyond them is counted as "(other)"
 
 
 class ModelStats:
@@ -42,17 +43,18 @@ class ModelStats:
 _by_route: dict[bytes, ModelStats] = {}
 
 
-def stats_for(url: bytes) -> ModelStats:
-    """The counters of the model whose route ``url`` is at (``/_m/<model>/...``)."""
+def stats_for(url: bytes, known: Container[bytes]) -> ModelStats:
+    """The counters of the model whose route ``url`` is at (``/_m/<model>/...``), if
+    that route is one of the ``known`` prefixes (HAProxy's config has it); of
+    ``(other)`` if not: the relay's port is open to local users, and labels made
+    from whatever they send would grow without bound."""
     route = url[len(_PREFIX):].split(b"/", 1)[0] if url.startswith(_PREFIX) else b""
     stats = _by_route.get(route)
-    if stats is None:  # routes come from HAProxy's map, but the port is open to local users
-        if len(_by_route) >= MAX_MODELS - 1:  # the last one is "(other)"
-            route = b"(other)"
-            stats = _by_route.get(route)
-        if stats is None:
-            name = model_name(route.decode(errors="replace")) if route else "(none)"
-            stats = _by_route[route] = ModelStats(name)
+    if stats is None:
+        if route and _PREFIX + route + b"/" in known:
+            stats = _by_route[route] = ModelStats(model_name(route.decode(errors="replace")))
+        else:
+            stats = _by_route.get(b"") or _by_route.setdefault(b"", ModelStats("(other)"))
     return stats
 
 

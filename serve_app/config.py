@@ -80,8 +80,8 @@ class ModelConfig(_Strict):
         "from the text already sent: on `ingress: direct` (or `auto`) through the head's "
         "failover relay (the model gets an application of its own and HAProxy sends its "
         "requests through the relay; needs the Ray auth token, the default), on "
-        "`routed` through the ingress. auto: on for an always-on generation model where "
-        "no pool shares the head's cores (pools.shares_head_cores: SLURM and HEAppE pools "
+        "`routed` through the ingress. auto: on for an always-on generation model of an app "
+        "at `/` on `direct` where no pool shares the head's cores (pools.shares_head_cores: SLURM and HEAppE pools "
         "by default), off where one does (the local provider); `hpcserve up`/`deploy` "
         "decide it, and a config deployed with `serve deploy` alone reads it as off"))
     health_check_period_s: float = Field(default=2.0, gt=0)

@@ -118,12 +118,12 @@ class RoutedIngress(OpenAIServer):
                         log.debug("cancelling %s failed", req.request_id, exc_info=True)
                 raise
             except Exception as exc:
-                self._retry_or_raise(exc, attempt, max_retries, req.request_id)
-                if budget is not None and sent_tokens >= budget:
+                if isinstance(exc, RayError) and budget is not None and sent_tokens >= budget:
                     # cut between its last token and its end: only the end is left
                     yield [GenerateDelta(finish_reason="length",
                                          usage=Usage(prompt_tokens, sent_tokens))]
                     return
+                self._retry_or_raise(exc, attempt, max_retries, req.request_id)
                 attempt += 1
                 sampling = req.sampling.model_copy(update={
                     "max_tokens": None if budget is None else max(1, budget - sent_tokens)})

@@ -127,7 +127,8 @@ async def _only_the_end(stream: AsyncIterator[list[GenerateDelta]]):
                 if any(d.finish_reason for d in deltas):
                     return
     except Exception:  # noqa: BLE001 - nothing is left to generate
-        yield [GenerateDelta(finish_reason="length")]
+        # usage: the tokens the client has (``_sse`` counts them); the prompt's unknown
+        yield [GenerateDelta(finish_reason="length", usage=Usage(0, 0))]
 
 
 def max_tokens_of(body) -> int | None:

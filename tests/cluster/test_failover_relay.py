@@ -57,6 +57,7 @@ class Replicas:
         self.ports: list[int] = []  # the port each request came to
         self.cut = "connection"  # or "error_event", or None: streams run to the end
         self.cut_every = False  # resumed streams too (after one word): retries run out
+        self.refuse_resumed = False  # answer a resumed stream's request with a 400
         self.delay = 0.0  # between events
         self.hold = 0.0  # before a whole answer
         self.accepted = 0  # connections
@@ -88,8 +89,8 @@ class Replicas:
         self.requests.append((msg["url"], msg["headers"], body))
         self.ports.append(writer.get_extra_info("sockname")[1])
         resumed = (body.get("hpcserve") or {}).get("continuation")
-        if resumed is not None and not continuation.verified(
-                msg["body"], msg["headers"].get(continuation.SIGNATURE_HEADER)):
+        if resumed is not None and (self.refuse_resumed or not continuation.verified(
+                msg["body"], msg["headers"].get(continuation.SIGNATURE_HEADER))):
             writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
             await writer.drain()
             return
@@ -243,7 +244,7 @@ def _relay_counts(replicas) -> dict[str, float]:
             if s.name.endswith("_total") and s.labels.get("model") == "tiny"}
 
 
-@pytest.mark.parametrize("cut", [None, "connection", "unresumable"])
+@pytest.mark.parametrize("cut", [None, "connection", "unresumable", "refused"])
 def test_the_relay_counts_requests_resumed_streams_and_losses_per_model(relay, cut):
     """What HAProxy's backend counters cannot see (the relay reaches the replicas):
     each request, each stream continued on another replica, each one that was not."""
@@ -252,17 +253,28 @@ def test_the_relay_counts_requests_resumed_streams_and_losses_per_model(relay, c
     replicas.cut, replicas.requests[:] = cut or None, []
     if cut == "unresumable":  # every replica cuts every stream: the retries run out
         replicas.cut, replicas.cut_every = "connection", True
+    if cut == "refused":  # the replica asked to go on answers 400: no stream went on
+        replicas.cut, replicas.refuse_resumed = "connection", True
     try:
         events, raw = _stream(url)
     finally:
-        replicas.cut_every = False
+        replicas.cut_every = replicas.refuse_resumed = False
     after = _relay_counts(replicas)
     delta = {name: after.get(name, 0) - before.get(name, 0)
              for name in ("hpcserve_relay_requests_total", "hpcserve_relay_resumed_streams_total",
                           "hpcserve_relay_lost_total")}
-    expected = {None: (1, 0, 0), "connection": (1, 1, 0), "unresumable": (1, 2, 1)}[cut]
+    expected = {None: (1, 0, 0), "connection": (1, 1, 0), "unresumable": (1, 2, 1),
+                "refused": (1, 0, 1)}[cut]
     assert tuple(delta.values()) == expected, (delta, raw[-300:])
-    assert (b'"engine_unavailable"' in raw) == (cut == "unresumable")
+    assert (b'"engine_unavailable"' in raw) == (cut in ("unresumable", "refused"))
+
+
+def test_only_a_get_of_metrics_is_the_relays_own(relay):
+    """A POST there is a request like any other (with no model route: through HAProxy)."""
+    _, replicas, _ = relay
+    at = f"http://127.0.0.1:{replicas.relay_port}/metrics"
+    assert "hpcserve_relay_requests_total" in httpx.get(at, timeout=10).text
+    assert httpx.post(at, content=b"{}", timeout=10).text == "router /metrics"
 
 
 def test_a_stream_with_no_cut_and_other_models_pass_as_they_are(relay):

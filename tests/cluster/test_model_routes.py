@@ -267,3 +267,20 @@ def test_decide_failover_writes_auto_as_the_layouts_answer_and_keeps_explicit_ch
         assert failover(decided) == [False]
         assert split_apps(decided)[2] == []
         assert ingress_modes(decided["applications"]) == {"hpcserve": mode}
+
+
+def test_a_failed_deploy_puts_the_maps_back_as_they_were(tmp_path):
+    """``hpcserve deploy`` writes the maps before Serve takes the config (so a restarted
+    HAProxy routes by them); if Serve refuses it, what runs is the config before."""
+    from types import SimpleNamespace
+
+    from cluster.model_routes import relayed_models, restore_maps, saved_maps
+    head = SimpleNamespace(env={"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(tmp_path / "x.cfg")})
+    write_map(tmp_path, ["a"])
+    saved = saved_maps(head)
+    before = {path: path.read_text() for path in tmp_path.glob("*.map")}
+    write_map(tmp_path, ["a", "b"], failover=["a"])
+    assert relayed_models(head) == ["a"]
+    restore_maps(saved)
+    assert relayed_models(head) == []
+    assert {path: path.read_text() for path in tmp_path.glob("*.map")} == before

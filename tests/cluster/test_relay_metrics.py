@@ -2,28 +2,41 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import relay_metrics
 
 
-def _models() -> set[str]:
+@pytest.fixture(autouse=True)
+def fresh_labels(monkeypatch):
+    monkeypatch.setattr(relay_metrics, "_by_route", {})
+
+
+def _requests_by_model() -> dict[str, float]:
     body = relay_metrics.response().split(b"\r\n\r\n", 1)[1].decode()
-    return {s.labels["model"] for f in text_string_to_metric_families(body) for s in f.samples
-            if s.name == "hpcserve_relay_requests_total"}
+    return {s.labels["model"]: s.value for f in text_string_to_metric_families(body)
+            for s in f.samples if s.name == "hpcserve_relay_requests_total"}
 
 
-def test_each_model_is_labelled_by_its_name_and_the_labels_are_bounded():
-    relay_metrics.stats_for(b"/_m/org_2fModel-7B/v1/chat/completions").requests.inc()
-    assert relay_metrics.stats_for(b"/_m/org_2fModel-7B/v1/completions") is \
-        relay_metrics.stats_for(b"/_m/org_2fModel-7B/v1/chat/completions")
-    assert "org/Model-7B" in _models()
+def test_a_known_route_is_labelled_by_its_models_name_and_others_by_one_label():
+    known = {b"/_m/org_2fModel-7B/": [], b"/_m/tiny/": []}  # the routes HAProxy's config has
+    before = _requests_by_model()
+    stats = relay_metrics.stats_for(b"/_m/org_2fModel-7B/v1/chat/completions", known)
+    assert relay_metrics.stats_for(b"/_m/org_2fModel-7B/v1/completions", known) is stats
+    stats.requests.inc()
     # a local user posting to made-up routes cannot grow the labels without bound
-    for i in range(relay_metrics.MAX_MODELS + 50):
-        relay_metrics.stats_for(b"/_m/made-up-%d/v1/completions" % i).requests.inc()
-    models = _models()
-    assert len(models) <= relay_metrics.MAX_MODELS and "(other)" in models
-    assert "org/Model-7B" in models  # the models seen first keep their own
+    for i in range(300):
+        relay_metrics.stats_for(b"/_m/made-up-%d/v1/completions" % i, known).requests.inc()
+    relay_metrics.stats_for(b"/elsewhere", known).requests.inc()
+    after = _requests_by_model()
+    assert after["org/Model-7B"] - before.get("org/Model-7B", 0) == 1
+    assert after["(other)"] - before.get("(other)", 0) == 301
+    assert not any(model.startswith("made-up") for model in after)
+    # a model that appears in the config later gets its own label from then on
+    known[b"/_m/made-up-7/"] = []
+    assert relay_metrics.stats_for(b"/_m/made-up-7/v1/completions", known) is not \
+        relay_metrics.stats_for(b"/_m/made-up-8/v1/completions", known)
 
 
 def test_the_metrics_are_a_whole_http_response():

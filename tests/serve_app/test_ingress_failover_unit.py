@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import pytest
 from ray.exceptions import RayError
 
 from serve_app.ingress import RoutedIngress
@@ -31,10 +32,10 @@ class DiesAfter:
         yield [GenerateDelta("", 0, "length", Usage(9, req.sampling.max_tokens))]
 
 
-def _run(engine: DiesAfter, max_tokens: int) -> list[GenerateDelta]:
+def _run(engine: DiesAfter, max_tokens: int, retries: int = 2) -> list[GenerateDelta]:
     ingress = RoutedIngress.__new__(RoutedIngress)  # only what _engine_stream reads
     ingress.engines = {"m": engine}
-    ingress.config = SimpleNamespace(max_retries=2)
+    ingress.config = SimpleNamespace(max_retries=retries)
     req = GenerateRequest(request_id="r", model="m", prompt="p",
                           sampling=SamplingParams(max_tokens=max_tokens))
 
@@ -43,10 +44,13 @@ def _run(engine: DiesAfter, max_tokens: int) -> list[GenerateDelta]:
     return asyncio.run(collect())
 
 
-def test_a_stream_cut_after_its_last_token_ends_without_another_engine_call():
+@pytest.mark.parametrize("retries", [2, 0])
+def test_a_stream_cut_after_its_last_token_ends_without_another_engine_call(retries):
+    """Not one token over max_tokens from a second replica; and with no retries
+    allowed, no error for a stream the client has whole."""
     engine = DiesAfter(tokens=3)
-    deltas = _run(engine, max_tokens=3)
-    assert len(engine.asked) == 1  # not one token over max_tokens from a second replica
+    deltas = _run(engine, max_tokens=3, retries=retries)
+    assert len(engine.asked) == 1
     assert sum(d.num_tokens for d in deltas) == 3 and deltas[-1].finish_reason == "length"
     assert deltas[-1].usage == Usage(5, 3)
 

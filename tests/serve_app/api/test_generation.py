@@ -123,3 +123,4 @@ def test_a_resumed_stream_with_nothing_left_ends_even_if_the_engine_refuses():
         return [batch async for batch in _only_the_end(refuses())]
     (batch,) = asyncio.run(run())
     assert [(d.text, d.num_tokens, d.finish_reason) for d in batch] == [("", 0, "length")]
+    assert batch[0].usage is not None  # so a client that asked for usage gets its chunk

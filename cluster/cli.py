@@ -91,15 +91,15 @@ def _cmd_deploy(args) -> int:
     decided = model_routes.with_failover(head, config.serve, pools)
     for change in ingress_mode_changes(serve_status(head), decided):
         print(f"hpcserve: note: {change}", file=sys.stderr)
-    relayed, maps = model_routes.relayed_models(head), model_routes.saved_maps(head)
-    serve_config = model_routes.publish(head, decided)
+    relayed_before, maps = model_routes.relayed_models(head), model_routes.saved_maps(head)
+    serve_config, relayed_now = model_routes.publish(head, decided)
     try:
         deploy_serve(head, serve_config)
     except (RuntimeError, httpx.HTTPError) as err:
         model_routes.restore_maps(maps)  # what runs is the config deployed before
         print(f"hpcserve: {err}", file=sys.stderr)
         return 1
-    for change in model_routes.failover_changes(relayed, model_routes.relayed_models(head)):
+    for change in model_routes.failover_changes(relayed_before, relayed_now):
         print(f"hpcserve: note: {change}", file=sys.stderr)
     (run_dir_of(home) / "serve.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
     print("deployed")

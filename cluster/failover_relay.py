@@ -35,7 +35,6 @@ import asyncio
 import collections
 import logging
 import socket
-import time
 from pathlib import Path
 
 import httptools
@@ -286,8 +285,7 @@ class Relay:
         if request.url == relay_metrics.PATH and request.method == b"GET":
             client.write(relay_metrics.response())
             return True
-        self.servers.refresh(time.monotonic())
-        stats = relay_metrics.stats_for(request.url, self.servers.routes)
+        stats = relay_metrics.stats_for(request.url, self.servers.known_routes)
         stats.requests.inc()
         body = bytes(request.body)
         tried: set[Server] = set()

@@ -234,9 +234,10 @@ def relayed_models(head) -> list[str]:
     return [line.split(" ", 1)[0] for line in text.splitlines() if line.strip()]
 
 
-def publish(head, serve_config: dict) -> dict:
+def publish(head, serve_config: dict) -> tuple[dict, list[str]]:
     """``split_apps`` for a deploy to ``head``, with the model map written first so
-    the HAProxy that the deploy (re)starts routes by it; the config to deploy."""
+    the HAProxy that the deploy (re)starts routes by it; the config to deploy, and
+    the models it sends through the failover relay."""
     split, models, failover = split_apps(serve_config, relay_enabled(head))
     write_map(haproxy_dir(head), models, failover)
-    return split
+    return split, failover

@@ -90,6 +90,11 @@ class Servers:
                 self.known.setdefault(a, Server(*a)) for a in addresses]
         self.routes = routes
 
+    def known_routes(self) -> dict[bytes, list[Server]]:
+        """The routes as the config has them now."""
+        self.refresh(time.monotonic())
+        return self.routes
+
     def pick(self, path: bytes, exclude: set[Server]) -> Server | None:
         """The replica for a request to ``path``, or None to go through HAProxy."""
         now = time.monotonic()

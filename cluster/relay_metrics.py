@@ -9,7 +9,7 @@ answers them; no thread and no second port, it is one more request to the relay.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
@@ -43,15 +43,16 @@ class ModelStats:
 _by_route: dict[bytes, ModelStats] = {}
 
 
-def stats_for(url: bytes, known: Container[bytes]) -> ModelStats:
+def stats_for(url: bytes, known: Callable[[], Container[bytes]]) -> ModelStats:
     """The counters of the model whose route ``url`` is at (``/_m/<model>/...``), if
-    that route is one of the ``known`` prefixes (HAProxy's config has it); of
+    that route is one of the ``known()`` prefixes (HAProxy's config has it; asked only
+    for a route not seen yet, so a request pays one dict lookup); of
     ``(other)`` if not: the relay's port is open to local users, and labels made
     from whatever they send would grow without bound."""
     route = url[len(_PREFIX):].split(b"/", 1)[0] if url.startswith(_PREFIX) else b""
     stats = _by_route.get(route)
     if stats is None:
-        if route and _PREFIX + route + b"/" in known:
+        if route and _PREFIX + route + b"/" in known():
             stats = _by_route[route] = ModelStats(model_name(route.decode(errors="replace")))
         else:
             stats = _by_route.get(b"") or _by_route.setdefault(b"", ModelStats("(other)"))

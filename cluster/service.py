@@ -80,9 +80,9 @@ def up(config_path: str | None, home: Path, wait: bool = True, timeout_s: float 
     progress(f"ray head up ({time.monotonic() - t0:.1f}s): gcs {head.gcs_address}, "
              f"dashboard {head.dashboard_url}")
     control_pid = start_control(run_dir, head)
-    serve_config = model_routes.publish(  # apps of their own, HAProxy's map
+    serve_config, relayed = model_routes.publish(  # apps of their own, HAProxy's map
         head, model_routes.with_failover(head, config.serve, config.cluster.pools))
-    for note in model_routes.failover_changes([], model_routes.relayed_models(head)):
+    for note in model_routes.failover_changes([], relayed):
         progress(note)
     (run_dir / "serve.yaml").write_text(yaml.safe_dump(serve_config, sort_keys=False))
     deploy_serve(head, serve_config)

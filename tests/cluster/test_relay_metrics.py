@@ -22,21 +22,21 @@ def _requests_by_model() -> dict[str, float]:
 def test_a_known_route_is_labelled_by_its_models_name_and_others_by_one_label():
     known = {b"/_m/org_2fModel-7B/": [], b"/_m/tiny/": []}  # the routes HAProxy's config has
     before = _requests_by_model()
-    stats = relay_metrics.stats_for(b"/_m/org_2fModel-7B/v1/chat/completions", known)
-    assert relay_metrics.stats_for(b"/_m/org_2fModel-7B/v1/completions", known) is stats
+    stats = relay_metrics.stats_for(b"/_m/org_2fModel-7B/v1/chat/completions", lambda: known)
+    assert relay_metrics.stats_for(b"/_m/org_2fModel-7B/v1/completions", lambda: known) is stats
     stats.requests.inc()
     # a local user posting to made-up routes cannot grow the labels without bound
     for i in range(300):
-        relay_metrics.stats_for(b"/_m/made-up-%d/v1/completions" % i, known).requests.inc()
-    relay_metrics.stats_for(b"/elsewhere", known).requests.inc()
+        relay_metrics.stats_for(b"/_m/made-up-%d/v1/completions" % i, lambda: known).requests.inc()
+    relay_metrics.stats_for(b"/elsewhere", lambda: known).requests.inc()
     after = _requests_by_model()
     assert after["org/Model-7B"] - before.get("org/Model-7B", 0) == 1
     assert after["(other)"] - before.get("(other)", 0) == 301
     assert not any(model.startswith("made-up") for model in after)
     # a model that appears in the config later gets its own label from then on
     known[b"/_m/made-up-7/"] = []
-    assert relay_metrics.stats_for(b"/_m/made-up-7/v1/completions", known) is not \
-        relay_metrics.stats_for(b"/_m/made-up-8/v1/completions", known)
+    assert relay_metrics.stats_for(b"/_m/made-up-7/v1/completions", lambda: known) is not \
+        relay_metrics.stats_for(b"/_m/made-up-8/v1/completions", lambda: known)
 
 
 def test_the_metrics_are_a_whole_http_response():
